@@ -1,0 +1,243 @@
+"""Pretrain the embedded tiny Stable Diffusion on synthetic shapes, on CPU, once.
+
+Two phases, one resumable checkpoint: (1) the x2 AutoencoderKL learns to reconstruct shape
+images; its latent std sets `scaling_factor`; (2) the UNet and the CLIP text encoder learn
+epsilon prediction jointly (a frozen random text encoder never learned colour words). Data is
+drawn on demand from the shapes generator with sample index = step * batch + i, so a resumed
+run sees exactly the stream it would have seen. Plain PyTorch, no accelerate: this is a
+single-process CPU job whose product is a diffusers folder, not an adapter.
+
+    python training/pretrain_tiny.py --threads 1            # ~1 h on one core
+    python training/pretrain_tiny.py --resume ...            # continues from work_dir/ckpt.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from boft_diffusion.data.shapes import caption, render, sample_scene
+from boft_diffusion.tiny import components as C
+from boft_diffusion.tiny.tokenizer import save_tokenizer
+
+
+def parse_args(argv=None):
+    here = os.path.dirname(os.path.abspath(__file__))
+    default_out = os.path.join(here, "..", "boft_diffusion", "tiny", "model")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--output_dir", default=os.path.normpath(default_out),
+                   help="where the final diffusers pipeline folder is written")
+    p.add_argument("--work_dir", default="outputs/pretrain_tiny", help="checkpoint, log, samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--vae_steps", type=int, default=1000)
+    p.add_argument("--vae_lr", type=float, default=1e-3)
+    p.add_argument("--kl_weight", type=float, default=1e-6)
+    p.add_argument("--unet_steps", type=int, default=5000)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--ema_decay", type=float, default=0.999)
+    p.add_argument("--caption_dropout", type=float, default=0.1, help="empty prompt rate (CFG)")
+    p.add_argument("--snr_gamma", type=float, default=5.0, help="min-SNR loss weighting, 0=off")
+    p.add_argument("--max_shapes", type=int, default=2)
+    p.add_argument("--p_single", type=float, default=0.8)
+    p.add_argument("--checkpoint_every", type=int, default=250)
+    p.add_argument("--sample_every", type=int, default=1000)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (leave cores free)")
+    p.add_argument("--resume", action="store_true")
+    return p.parse_args(argv)
+
+
+def shapes_batch(seed: int, start: int, n: int, max_shapes: int, p_single: float):
+    """Images (n, 3, 32, 32) in [-1, 1] and their captions, samples start..start+n."""
+    scenes = [sample_scene(seed, start + i, C.IMAGE_SIZE, max_shapes, p_single) for i in range(n)]
+    arr = np.stack([np.asarray(render(s)) for s in scenes])  # (n, H, W, 3) uint8
+    x = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (n, 3, H, W)
+    return x, [caption(s) for s in scenes]
+
+
+def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    """Linear warmup, then cosine down to 10% of base."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def save_atomic(obj, path: str) -> None:
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def log(work_dir: str, msg: str) -> None:
+    line = f"{time.strftime('%H:%M:%S')} {msg}"
+    print(line, flush=True)
+    with open(os.path.join(work_dir, "log.txt"), "a") as f:
+        f.write(line + "\n")
+
+
+def encode_text(text_encoder, tokenizer, prompts):
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids  # (B, L)
+    return text_encoder(ids)[0]  # (B, L, TEXT_DIM)
+
+
+def build_pipeline(vae, unet, text_encoder, tokenizer):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=C.build_sample_scheduler(), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_samples(pipe, path: str, seed: int) -> None:
+    """A 4x3 grid: rows = colours, columns = shapes."""
+    from PIL import Image
+
+    from boft_diffusion.data.shapes import COLORS, SHAPES
+
+    prompts = [f"a {c} {s}" for c in COLORS for s in SHAPES]
+    g = torch.Generator().manual_seed(seed)
+    imgs = pipe(prompts, num_inference_steps=20, guidance_scale=4.0, generator=g).images
+    s = C.IMAGE_SIZE
+    grid = Image.new("RGB", (s * len(SHAPES), s * len(COLORS)))
+    for i, im in enumerate(imgs):
+        grid.paste(im, ((i % len(SHAPES)) * s, (i // len(SHAPES)) * s))
+    grid.resize((grid.width * 4, grid.height * 4), Image.NEAREST).save(path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.work_dir, exist_ok=True)
+    torch.manual_seed(args.seed)
+
+    tokenizer = save_tokenizer(os.path.join(args.work_dir, "tokenizer"))
+    vae, unet, text_encoder = C.build_vae(), C.build_unet(), C.build_text_encoder(tokenizer)
+    noise_scheduler = C.build_train_scheduler()
+    vae_opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
+    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder)
+    ema_text.requires_grad_(False)
+    state = {"vae_step": 0, "unet_step": 0, "scaling_factor": None, "seconds": 0.0}
+
+    ckpt_path = os.path.join(args.work_dir, "ckpt.pt")
+    if args.resume and os.path.exists(ckpt_path):
+        ck = torch.load(ckpt_path, weights_only=False)
+        for name, mod in [("vae", vae), ("unet", unet), ("text", text_encoder),
+                          ("ema_unet", ema_unet), ("ema_text", ema_text),
+                          ("vae_opt", vae_opt), ("opt", opt)]:
+            mod.load_state_dict(ck[name])
+        state = ck["state"]
+        log(args.work_dir, f"resumed at {state}")
+
+    def checkpoint():
+        save_atomic({"vae": vae.state_dict(), "unet": unet.state_dict(),
+                     "text": text_encoder.state_dict(), "ema_unet": ema_unet.state_dict(),
+                     "ema_text": ema_text.state_dict(), "vae_opt": vae_opt.state_dict(),
+                     "opt": opt.state_dict(), "state": state, "args": vars(args)}, ckpt_path)
+
+    t_start = time.time() - state["seconds"]
+    # Phase 1: VAE reconstruction (MSE + tiny KL, as SD's VAE minus the adversarial loss).
+    vae.train()
+    while state["vae_step"] < args.vae_steps:
+        step = state["vae_step"]
+        x, _ = shapes_batch(args.seed + 1000, step * args.batch_size, args.batch_size,
+                            args.max_shapes, args.p_single)
+        for g in vae_opt.param_groups:
+            g["lr"] = lr_at(step, args.vae_steps, args.vae_lr, 50)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample  # (B, 3, 32, 32)
+        mse = F.mse_loss(rec, x)
+        loss = mse + args.kl_weight * post.kl().mean()
+        vae_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        vae_opt.step()
+        state["vae_step"] = step + 1
+        state["seconds"] = time.time() - t_start
+        if (step + 1) % 50 == 0:
+            psnr = 10 * math.log10(4.0 / mse.item())  # range [-1, 1] has peak-to-peak 2
+            log(args.work_dir, f"vae step {step + 1} mse {mse.item():.5f} psnr {psnr:.1f} dB")
+        if (step + 1) % args.checkpoint_every == 0:
+            checkpoint()
+    vae.eval().requires_grad_(False)
+
+    if state["scaling_factor"] is None:
+        with torch.no_grad():
+            x, _ = shapes_batch(args.seed + 2000, 0, 512, args.max_shapes, args.p_single)
+            std = vae.encode(x).latent_dist.sample().std().item()
+        state["scaling_factor"] = 1.0 / std
+        log(args.work_dir, f"latent std {std:.4f} -> scaling_factor {1 / std:.4f}")
+        checkpoint()
+    sf = state["scaling_factor"]
+
+    # Phase 2: UNet + text encoder, epsilon prediction with min-SNR weighting.
+    alphas = noise_scheduler.alphas_cumprod
+    snr = alphas / (1 - alphas)  # (T,)
+    unet.train()
+    text_encoder.train()
+    gen = torch.Generator().manual_seed(args.seed + state["unet_step"])
+    running = []
+    while state["unet_step"] < args.unet_steps:
+        step = state["unet_step"]
+        x, caps = shapes_batch(args.seed, step * args.batch_size, args.batch_size,
+                               args.max_shapes, args.p_single)
+        drop = torch.rand(len(caps), generator=gen) < args.caption_dropout
+        caps = ["" if d else c for c, d in zip(caps, drop.tolist())]
+        with torch.no_grad():
+            lat = vae.encode(x).latent_dist.sample(generator=gen) * sf  # (B, 4, 16, 16)
+        noise = torch.randn(lat.shape, generator=gen)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(caps),), generator=gen)
+        noisy = noise_scheduler.add_noise(lat, noise, t)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.unet_steps, args.lr, args.warmup)
+        pred = unet(noisy, t, encode_text(text_encoder, tokenizer, caps)).sample
+        per = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))  # (B,)
+        if args.snr_gamma > 0:
+            per = per * torch.clamp(snr[t], max=args.snr_gamma) / snr[t]
+        loss = per.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            d = min(args.ema_decay, (1 + step) / (10 + step))
+            for ema, live in [(ema_unet, unet), (ema_text, text_encoder)]:
+                for pe, pl in zip(ema.parameters(), live.parameters()):
+                    pe.lerp_(pl, 1 - d)
+        state["unet_step"] = step + 1
+        state["seconds"] = time.time() - t_start
+        running.append(loss.item())
+        if (step + 1) % 50 == 0:
+            log(args.work_dir, f"unet step {step + 1} loss {np.mean(running):.4f} "
+                f"lr {opt.param_groups[0]['lr']:.2e} elapsed {state['seconds'] / 60:.1f} min")
+            running = []
+        if (step + 1) % args.checkpoint_every == 0:
+            checkpoint()
+        if (step + 1) % args.sample_every == 0:
+            vae.config.scaling_factor = sf
+            pipe = build_pipeline(vae, ema_unet, ema_text, tokenizer)
+            save_samples(pipe, os.path.join(args.work_dir, f"samples_{step + 1:06d}.png"), 0)
+    checkpoint()
+
+    # Final product: a diffusers folder with the EMA weights.
+    vae.register_to_config(scaling_factor=sf)
+    pipe = build_pipeline(vae, ema_unet, ema_text, tokenizer)
+    pipe.save_pretrained(args.output_dir, safe_serialization=True)
+    save_samples(pipe, os.path.join(args.work_dir, "samples_final.png"), 0)
+    log(args.work_dir, f"saved pipeline to {args.output_dir} after {state['seconds'] / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
