@@ -1,0 +1,178 @@
+"""Butterfly orthogonal matrices, as in BOFT (Liu, Qiu et al., ICLR 2024).
+
+For a layer of input size d, block size b and m factors:
+
+    R   = B_{m-1} ... B_1 B_0                    (d x d, orthogonal)
+    B_i = P_i blockdiag(Q_i1 ... Q_i(d/b)) P_i^T
+    Q   = (I - S)(I + S)^-1,  S = skew(A)        (exact Cayley, b x b, fp32)
+
+R is never built here. Factor i acts on chunks of c = b * 2^i features: each chunk is cut
+into 2 * 2^i half-blocks of b/2, and block p of the chunk pairs half-blocks p and p + 2^i
+(so the paired halves lie b * 2^(i-1) apart). Viewing a chunk as (2, 2^i, b/2) = (q, p, r),
+block p holds the b features (q, r) in that order, which is a reshape, never a matrix.
+This is the block order of PEFT's `boft_R[i, j]`, so PEFT checkpoints map one to one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+
+def num_skew_params(block_size: int) -> int:
+    """Free entries of one b x b skew-symmetric block (its strict upper triangle)."""
+    return block_size * (block_size - 1) // 2
+
+
+def skew_from_packed(packed: torch.Tensor, block_size: int) -> torch.Tensor:
+    """(..., b(b-1)/2) -> (..., b, b) skew-symmetric, upper triangle = packed."""
+    rows, cols = torch.triu_indices(block_size, block_size, offset=1, device=packed.device)
+    skew = packed.new_zeros(*packed.shape[:-1], block_size, block_size)
+    skew[..., rows, cols] = packed
+    return skew - skew.transpose(-1, -2)
+
+
+def packed_from_matrix(matrix: torch.Tensor) -> torch.Tensor:
+    """(..., b, b) any square blocks -> packed skew part, the same reading PEFT makes of `boft_R`."""
+    block_size = matrix.shape[-1]
+    skew = 0.5 * (matrix - matrix.transpose(-1, -2))
+    rows, cols = torch.triu_indices(block_size, block_size, offset=1, device=matrix.device)
+    return skew[..., rows, cols]
+
+
+def cayley(packed: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Exact Cayley transform of packed skew blocks, in fp32 or wider: (..., b(b-1)/2) -> (..., b, b).
+
+    Q = (I - S)(I + S)^-1 = (I + S)^-1 (I - S) (the two factors commute); I + S is always
+    invertible for skew S, and Q is orthogonal to rounding error. fp16 solves are not, so
+    half-precision parameters are promoted; float64 stays float64 (for gradcheck).
+    """
+    dtype = torch.promote_types(packed.dtype, torch.float32)
+    skew = skew_from_packed(packed.to(dtype), block_size)
+    eye = torch.eye(block_size, device=packed.device, dtype=dtype)
+    return torch.linalg.solve(eye + skew, eye - skew)
+
+
+def factor_view(x: torch.Tensor, factor: int, block_size: int) -> torch.Tensor:
+    """(..., d) -> (..., d/c, 2, 2^i, b/2), c = b * 2^i: the (q, p, r) view of each chunk."""
+    if factor == 0:  # plain block diagonal (b may be odd): one "half" is the whole block
+        return x.reshape(*x.shape[:-1], -1, 1, 1, block_size)
+    return x.reshape(*x.shape[:-1], -1, 2, 2**factor, block_size // 2)
+
+
+def block_view(blocks: torch.Tensor, factor: int, block_size: int) -> torch.Tensor:
+    """(d/b, b, b) -> (d/c, 2^i, q, r, s, t): block (chunk, p) with rows (q, r), cols (s, t)."""
+    if factor == 0:
+        return blocks.reshape(-1, 1, 1, block_size, 1, block_size)
+    half = block_size // 2
+    return blocks.reshape(-1, 2**factor, 2, half, 2, half)
+
+
+def apply_factor(x: torch.Tensor, blocks: torch.Tensor, factor: int, transpose: bool = False) -> torch.Tensor:
+    """Row vectors times one butterfly factor: x B_i, or x B_i^T when `transpose`.
+
+    x: (..., d); blocks: (d/b, b, b) of factor i. Cost d * b per row.
+    """
+    block_size = blocks.shape[-1]
+    if transpose:
+        blocks = blocks.transpose(-1, -2)
+    xv = factor_view(x, factor, block_size)  # (..., d/c, 2, 2^i, b/2)
+    qv = block_view(blocks.to(x.dtype), factor, block_size)  # (d/c, 2^i, 2, b/2, 2, b/2)
+    out = torch.einsum("...cqpr,cpqrst->...cspt", xv, qv)  # (..., d/c, 2, 2^i, b/2)
+    return out.reshape(x.shape)
+
+
+def factor_grad(x: torch.Tensor, grad: torch.Tensor, factor: int, block_size: int, transpose: bool = False) -> torch.Tensor:
+    """dL/dQ_i for y = x B_i (or x B_i^T) given dL/dy: per block, sum over rows of x_j^T dy_j. (d/b, b, b)."""
+    xv = factor_view(x, factor, block_size)  # (..., d/c, 2, 2^i, b/2)
+    gv = factor_view(grad, factor, block_size)
+    g = torch.einsum("...cqpr,...cspt->cpqrst", xv, gv).reshape(-1, block_size, block_size)
+    return g.transpose(-1, -2) if transpose else g
+
+
+def factor_order(n_factors: int, active: Sequence[bool] | None, transpose: bool) -> list[int]:
+    """Which factors to apply to row vectors, in order: x R applies B_{m-1} first, x R^T B_0 first."""
+    order = range(n_factors) if transpose else range(n_factors - 1, -1, -1)
+    return [i for i in order if active is None or active[i]]
+
+
+def rotate_rows(
+    x: torch.Tensor, blocks: torch.Tensor, active: Sequence[bool] | None = None, transpose: bool = False
+) -> torch.Tensor:
+    """x R (or x R^T) for R built from `blocks` (m, d/b, b, b), skipping inactive factors.
+
+    Plain autograd: keeps one intermediate per factor for backward. The memory-lean
+    autograd function lives in `layers.py`; this is its building block and reference.
+    """
+    for i in factor_order(blocks.shape[0], active, transpose):
+        x = apply_factor(x, blocks[i], i, transpose)
+    return x
+
+
+def valid_block_sizes(features: int, n_factors: int) -> list[int]:
+    """Block sizes b that fit `features` with `n_factors` butterfly factors."""
+    return [
+        b
+        for b in range(1, features + 1)
+        if features % (b * 2 ** (n_factors - 1)) == 0 and (n_factors == 1 or b % 2 == 0)
+    ]
+
+
+def max_factors(features: int, block_size: int) -> int:
+    """Largest m valid for this (d, b); m = 1 + log2(d/b) already makes R dense."""
+    if features % block_size:
+        return 0
+    if block_size % 2:
+        return 1
+    m = 1
+    while features % (block_size * 2**m) == 0:
+        m += 1
+    return m
+
+
+def resolve_blocks(
+    features: int,
+    n_factors: int,
+    block_size: int | None = None,
+    block_num: int | None = None,
+    layer: str = "layer",
+) -> tuple[int, int]:
+    """Check a (d, b or d/b, m) choice and return (block_size, block_num); ValueError names fixes.
+
+    Valid iff d % (b * 2^(m-1)) == 0, and b is even when m > 1 (factors pair half-blocks).
+    """
+    if (block_size is None) == (block_num is None):
+        raise ValueError("Set exactly one of block_size or block_num (the other follows from the layer size).")
+    if n_factors < 1:
+        raise ValueError(f"n_butterfly_factors must be >= 1 (1 is plain block-diagonal OFT), got {n_factors}.")
+    if block_num is not None:
+        if block_num < 1 or features % block_num:
+            options = [features // b for b in valid_block_sizes(features, n_factors)]
+            raise ValueError(
+                f"{layer}: block_num={block_num} does not divide its input size d={features} "
+                f"with m={n_factors} factors; valid block_num: {_nearest(options, block_num)}."
+            )
+        block_size = features // block_num
+    assert block_size is not None
+    if block_size < 1 or block_size > features or features % (block_size * 2 ** (n_factors - 1)) or (
+        n_factors > 1 and block_size % 2
+    ):
+        sizes = valid_block_sizes(features, n_factors)
+        hint = f"valid block_size for m={n_factors}: {_nearest(sizes, block_size)}" if sizes else (
+            f"no block size fits m={n_factors}"
+        )
+        m_max = max_factors(features, block_size) if 0 < block_size <= features else 0
+        m_hint = f"; with b={block_size} use m <= {m_max}" if m_max else ""
+        raise ValueError(
+            f"{layer}: block_size={block_size} with m={n_factors} butterfly factors does not fit "
+            f"d={features} (needs d % (b * 2^(m-1)) == 0 and b even when m > 1); {hint}{m_hint}."
+        )
+    return block_size, features // block_size
+
+
+def _nearest(options: list[int], target: int, k: int = 4) -> list[int]:
+    """The k options closest to target on a log scale, sorted."""
+    t = max(target, 1)
+    return sorted(sorted(options, key=lambda o: abs(math.log(o / t)))[:k])

@@ -1,0 +1,168 @@
+"""The BOFT adapter of one projection, and a frozen Linear run through one or more of them.
+
+    y = s * ((x R) W^T) + bias        R = R_1 R_2 ... (one R per active adapter, composed)
+
+Which side gets rotated is a cost decision (see `rotate_input_side`): rotating the rows of x
+costs m*d*b per token; rotating W costs m*d*b per output row but, when training, also needs
+the gradient of the rotated weight, a full tokens x d x out matmul.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .butterfly import apply_factor, cayley, factor_grad, factor_order, num_skew_params
+
+logger = logging.getLogger(__name__)
+
+
+class ButterflyRotate(torch.autograd.Function):
+    """x R (or x R^T) that saves only x and the blocks: backward recomputes the m intermediates
+    for one layer at a time instead of keeping them for the whole network."""
+
+    @staticmethod
+    def forward(ctx, x, blocks, order: tuple[int, ...], transpose: bool):
+        ctx.save_for_backward(x, blocks)
+        ctx.order, ctx.transpose = order, transpose
+        for i in order:
+            x = apply_factor(x, blocks[i], i, transpose)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, blocks = ctx.saved_tensors
+        block_size = blocks.shape[-1]
+        inputs = []
+        for i in ctx.order:  # recompute each factor's input (transient, this layer only)
+            inputs.append(x)
+            x = apply_factor(x, blocks[i], i, ctx.transpose)
+        grad_blocks = torch.zeros_like(blocks) if ctx.needs_input_grad[1] else None
+        for i, x_i in zip(reversed(ctx.order), reversed(inputs)):
+            if grad_blocks is not None:
+                grad_blocks[i] = factor_grad(x_i, grad, i, block_size, ctx.transpose).to(blocks.dtype)
+            grad = apply_factor(grad, blocks[i], i, not ctx.transpose)  # B is orthogonal: B^-1 = B^T
+        return grad if ctx.needs_input_grad[0] else None, grad_blocks, None, None
+
+
+class ButterflyRotation(nn.Module):
+    """Trainable BOFT rotation of one projection: m factors of d/b Cayley blocks plus a scale s.
+
+    Stores only what cannot be recomputed: the packed skew entries `boft_skew`
+    (m, d/b, b(b-1)/2) and `boft_s` (out,). A zero skew block is the identity.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        block_size: int,
+        n_factors: int,
+        train_scale: bool = True,
+        dropout: float = 0.0,
+        init: str = "identity",
+    ):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.block_size, self.n_factors = block_size, n_factors
+        self.dropout = dropout
+        skew = torch.zeros(n_factors, in_features // block_size, num_skew_params(block_size))
+        scale = torch.ones(out_features)
+        if init == "random":
+            skew.normal_(0.0, 0.1)
+            if train_scale:
+                scale.normal_(1.0, 0.1)
+        self.boft_skew = nn.Parameter(skew)
+        self.boft_s = nn.Parameter(scale, requires_grad=train_scale)
+        self.active: list[bool] = [True] * n_factors
+        self._cache: tuple | None = None
+
+    @property
+    def block_num(self) -> int:
+        return self.in_features // self.block_size
+
+    def num_parameters(self) -> int:
+        """Trainable numbers: m * (d/b) * b(b-1)/2 skew entries, plus s when it is trained."""
+        return self.boft_skew.numel() + (self.boft_s.numel() if self.boft_s.requires_grad else 0)
+
+    def set_active(self, mask: Sequence[bool]) -> None:
+        if len(mask) != self.n_factors:
+            raise ValueError(f"Factor mask has {len(mask)} entries, the adapter has {self.n_factors} factors.")
+        self.active = [bool(a) for a in mask]
+        self._cache = None
+
+    def blocks(self) -> torch.Tensor:
+        """Cayley blocks (m, d/b, b, b) in fp32, computed once per forward; cached when no grad flows."""
+        if not torch.is_grad_enabled() and not (self.training and self.dropout > 0):
+            key = (self.boft_skew._version, self.boft_skew.device, id(self.boft_skew))
+            if self._cache is None or self._cache[0] != key:
+                self._cache = (key, cayley(self.boft_skew.detach(), self.block_size))
+            return self._cache[1]
+        blocks = cayley(self.boft_skew, self.block_size)
+        if self.training and self.dropout > 0:
+            drop = torch.rand(blocks.shape[:2], device=blocks.device) < self.dropout  # (m, d/b)
+            eye = torch.eye(self.block_size, device=blocks.device)
+            blocks = torch.where(drop[..., None, None], eye, blocks)
+        return blocks
+
+    def order(self, transpose: bool) -> tuple[int, ...]:
+        return tuple(factor_order(self.n_factors, self.active, transpose))
+
+    def rotate(self, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """x R (transpose=False) or x R^T, for rows x (..., d)."""
+        order = self.order(transpose)
+        if not order:
+            return x
+        return ButterflyRotate.apply(x, self.blocks(), order, transpose)
+
+    def extra_repr(self) -> str:
+        return (
+            f"d={self.in_features}, out={self.out_features}, block_size={self.block_size}, "
+            f"block_num={self.block_num}, factors={self.n_factors}, active={self.active}"
+        )
+
+
+def rotate_input_side(tokens: int, rotations: Sequence[ButterflyRotation], out_features: int, grad: bool) -> bool:
+    """True when x R is cheaper than R W^T for this call (flop count of the rotation paths).
+
+    Both sides pay m*d*b per rotated row (input rows: tokens; weight rows: out). Training the
+    weight side also pays dL/dW' = x^T dy, tokens*d*out, which the input side never needs.
+    """
+    per_row = sum(len(r.order(False)) * r.in_features * r.block_size for r in rotations)
+    input_cost = per_row * tokens
+    weight_cost = per_row * out_features + (tokens * rotations[0].in_features * out_features if grad else 0)
+    return input_cost <= weight_cost
+
+
+def rotated_weight(weight: torch.Tensor, rotations: Sequence[ButterflyRotation]) -> torch.Tensor:
+    """W R^T for R = R_1 R_2 ... R_k: W R_k^T ... R_1^T, rows of W rotated."""
+    for rotation in reversed(rotations):
+        weight = rotation.rotate(weight, transpose=True)
+    return weight
+
+
+def output_scale(rotations: Sequence[ButterflyRotation]) -> torch.Tensor:
+    scale = rotations[0].boft_s
+    for rotation in rotations[1:]:
+        scale = scale * rotation.boft_s
+    return scale
+
+
+def boft_linear(x: torch.Tensor, linear: nn.Linear, rotations: Sequence[ButterflyRotation]) -> torch.Tensor:
+    """s * ((x R) W^T) + bias for a frozen `linear`, choosing the cheaper side to rotate."""
+    if not rotations:
+        return linear(x)
+    grad = torch.is_grad_enabled() and any(p.requires_grad for r in rotations for p in r.parameters())
+    tokens = x.numel() // x.shape[-1]
+    if rotate_input_side(tokens, rotations, linear.out_features, grad):
+        for rotation in rotations:
+            x = rotation.rotate(x)
+        y = F.linear(x, linear.weight)
+    else:
+        y = F.linear(x, rotated_weight(linear.weight, rotations))
+    y = y * output_scale(rotations).to(y.dtype)
+    return y if linear.bias is None else y + linear.bias

@@ -1,0 +1,27 @@
+"""Shared fixtures: offline mode, tiny UNets saved to disk once per session."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from tiny_unets import UNET_CONFIGS
+
+
+@pytest.fixture(scope="session")
+def unet_dirs(tmp_path_factory):
+    """{layout: folder} of tiny UNets saved with save_pretrained (seed 0)."""
+    dirs = {}
+    for layout, config in UNET_CONFIGS.items():
+        torch.manual_seed(0)
+        folder = tmp_path_factory.mktemp(f"unet_{layout}")
+        UNet2DConditionModel(**config).save_pretrained(folder)
+        dirs[layout] = folder
+    return dirs
+
+
+@pytest.fixture(params=sorted(UNET_CONFIGS))
+def layout(request):
+    return request.param
