@@ -97,7 +97,8 @@ def remove_boft(unet: nn.Module, adapter_name: str | None = None) -> nn.Module:
         for name in names:
             if name in processor.adapters:
                 del processor.adapters[name]
-                processor.active_adapters.remove(name)
+                if name in processor.active_adapters:
+                    processor.active_adapters.remove(name)
         if not len(processor.adapters):
             attn.set_processor(processor.original_processor)
     for name in names:
