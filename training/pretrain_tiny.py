@@ -52,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--sample_every", type=int, default=1000)
     p.add_argument("--threads", type=int, default=1, help="torch threads (leave cores free)")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--export_only", action="store_true",
+                   help="write the pipeline from work_dir/ckpt.pt (EMA weights) and exit")
     return p.parse_args(argv)
 
 
@@ -133,7 +135,7 @@ def main(argv=None):
     state = {"vae_step": 0, "unet_step": 0, "scaling_factor": None, "seconds": 0.0}
 
     ckpt_path = os.path.join(args.work_dir, "ckpt.pt")
-    if args.resume and os.path.exists(ckpt_path):
+    if (args.resume or args.export_only) and os.path.exists(ckpt_path):
         ck = torch.load(ckpt_path, weights_only=False)
         for name, mod in [("vae", vae), ("unet", unet), ("text", text_encoder),
                           ("ema_unet", ema_unet), ("ema_text", ema_text),
@@ -147,6 +149,14 @@ def main(argv=None):
                      "text": text_encoder.state_dict(), "ema_unet": ema_unet.state_dict(),
                      "ema_text": ema_text.state_dict(), "vae_opt": vae_opt.state_dict(),
                      "opt": opt.state_dict(), "state": state, "args": vars(args)}, ckpt_path)
+
+    if args.export_only:
+        if state["scaling_factor"] is None:
+            raise SystemExit(f"no UNet phase in {ckpt_path} yet: nothing to export")
+        vae.register_to_config(scaling_factor=state["scaling_factor"])
+        build_pipeline(vae, ema_unet, ema_text, tokenizer).save_pretrained(args.output_dir)
+        log(args.work_dir, f"exported step {state['unet_step']} to {args.output_dir}")
+        return
 
     t_start = time.time() - state["seconds"]
     # Phase 1: VAE reconstruction (MSE + tiny KL, as SD's VAE minus the adversarial loss).
