@@ -44,7 +44,12 @@ def iter_samples(kind: str, n: int, seed: int = 0, size: int = 32, **scene_kw) -
 
 
 def _features(kind: str):
-    from datasets import Features, Image as ImageFeature, List, Value
+    from datasets import Features, Image as ImageFeature, Value
+
+    try:
+        from datasets import List  # datasets >= 4
+    except ImportError:  # older datasets spell a list feature Sequence
+        from datasets import Sequence as List
 
     cols = {"image": ImageFeature(), "text": Value("string")}
     if kind != "shapes":
