@@ -25,3 +25,11 @@ def unet_dirs(tmp_path_factory):
 @pytest.fixture(params=sorted(UNET_CONFIGS))
 def layout(request):
     return request.param
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory):
+    """Folder of a random tiny SD pipeline with the embedded model's architecture."""
+    from tiny_sd import write_tiny_sd
+
+    return write_tiny_sd(tmp_path_factory.mktemp("tiny_sd"))

@@ -1,0 +1,212 @@
+"""Train BOFT adapters and a control head so Stable Diffusion follows landmark or segmentation images.
+
+    accelerate launch training/train_control.py --output_dir outputs/control            # tiny model, synthetic landmarks
+    accelerate launch training/train_control.py --pretrained_model_name_or_path stabilityai/stable-diffusion-2-1-base \\
+        --dataset_name oftverse/control-celeba-hq --resolution 512 --boft_block_num 8 --boft_n_butterfly_factors 4
+
+Reads top to bottom like diffusers' train_controlnet.py: arguments, accelerator, models, data,
+optimizer, loop gated on sync_gradients, checkpoints, validation, final save.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+from accelerate.logging import get_logger
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+if __package__ in (None, ""):  # `python training/train_control.py` from a checkout
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from boft_diffusion import add_boft, boft_parameters, describe
+from boft_diffusion.control import ControlHead, control_residual
+from training import common
+from training.control_data import add_data_args, collate, load_control_dataset, make_transform
+from training.validation import ControlValidator
+
+logger = get_logger("boft_diffusion.train_control")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_args(parser)
+    common.add_boft_args(parser)
+    add_data_args(parser)
+    parser.add_argument("--validation_image", nargs="+", default=None,
+                        help="Control images for validation (default: held-out synthetic controls).")
+    parser.add_argument("--num_validation_images", type=int, default=4, help="Synthetic validation controls.")
+    parser.add_argument("--control_head_channels", type=int, nargs="+", default=None,
+                        help="Widths of the control head's conv stages (default: SD's 16 32 96 256, narrowed for small UNets).")
+    args = parser.parse_args(argv)
+    if args.validation_image and args.validation_prompt and len(args.validation_prompt) not in (1, len(args.validation_image)):
+        parser.error("--validation_prompt needs one prompt, or one per --validation_image.")
+    if not 0 <= args.proportion_empty_prompts <= 1:
+        parser.error("--proportion_empty_prompts must be in [0, 1].")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    accelerator = common.make_accelerator(args)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    # Models: frozen base in the compute dtype, trainable adapter and head in fp32.
+    weight_dtype = common.weight_dtype_of(accelerator)
+    model_path, tokenizer, text_encoder, vae, unet, noise_scheduler = common.load_components(args.pretrained_model_name_or_path)
+    resolution = args.resolution or common.default_resolution(unet, vae)
+    for model in (text_encoder, vae, unet):
+        model.to(accelerator.device, dtype=weight_dtype)
+    boft_config = common.boft_config_from_args(args)
+    add_boft(unet, boft_config)
+    unet.train()
+    if args.enable_xformers_memory_efficient_attention:
+        from boft_diffusion.unet import boft_processors
+
+        for _, _, processor in boft_processors(unet):
+            processor.backend = "xformers"
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    control_head = ControlHead.for_unet(unet, common.vae_scale_factor(vae), args.control_head_channels).to(accelerator.device)
+    control_head.train()
+    summary = describe(unet)
+    logger.info(summary.splitlines()[-1])
+    logger.info("control head: %s parameters", f"{sum(p.numel() for p in control_head.parameters()):,}")
+
+    # Data: one global batch per step, split across processes (see common.make_accelerator).
+    dataset = load_control_dataset(args, resolution)
+    dataset.set_transform(make_transform(args, resolution))
+    global_batch = args.train_batch_size * accelerator.num_processes
+    if len(dataset) < global_batch:
+        raise ValueError(f"The dataset has {len(dataset)} rows, fewer than one global batch of {global_batch}.")
+    batches = common.GlobalBatches(len(dataset), global_batch, args.seed, args.gradient_accumulation_steps)
+    batches_per_epoch = len(batches)
+    dataloader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=batches, collate_fn=collate, num_workers=args.dataloader_num_workers
+    )
+
+    # Optimizer: AdamW; no weight decay on the output scale s (it would pull s towards 0).
+    adapter_params = boft_parameters(unet)
+    scales = [p for p in adapter_params if p.ndim == 1]
+    others = [p for p in adapter_params if p.ndim != 1] + list(control_head.parameters())
+    optimizer = torch.optim.AdamW(
+        [{"params": others, "weight_decay": args.adam_weight_decay}, {"params": scales, "weight_decay": 0.0}],
+        lr=args.learning_rate,
+    )
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=args.max_train_steps
+    )
+    unet, control_head, optimizer, dataloader, lr_scheduler = accelerator.prepare(
+        unet, control_head, optimizer, dataloader, lr_scheduler
+    )
+    base_unet, base_head = accelerator.unwrap_model(unet), accelerator.unwrap_model(control_head)
+    common.register_checkpoint_hooks(accelerator, base_unet, base_head)
+
+    validator = ControlValidator(
+        args, model_path, resolution, vae, text_encoder, tokenizer, base_unet, base_head, weight_dtype, accelerator
+    )
+    if accelerator.is_main_process and args.report_to != "none":
+        accelerator.init_trackers("train_control", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+
+    # Resume.
+    global_step = 0
+    resume = common.resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    if resume is not None:
+        accelerator.load_state(str(resume))
+        global_step = common.checkpoint_step(resume)
+        logger.info(f"Resumed from {resume} at step {global_step}")
+    steps_per_epoch = batches_per_epoch // args.gradient_accumulation_steps
+    if steps_per_epoch == 0:
+        raise ValueError("Fewer batches per epoch than --gradient_accumulation_steps; use more data or accumulate less.")
+    empty_ids = common.tokenize(tokenizer, [""])
+    scaling = vae.config.scaling_factor
+    local_batch = args.train_batch_size
+
+    progress = tqdm(total=args.max_train_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
+    metrics = {}
+    while global_step < args.max_train_steps:
+        epoch, done_in_epoch = divmod(global_step, steps_per_epoch)
+        micro = done_in_epoch * args.gradient_accumulation_steps
+        batches.position(epoch, micro)  # same order for straight and resumed runs
+        for batch in dataloader:
+            with accelerator.accumulate(unet, control_head):
+                step_key = epoch * batches_per_epoch + micro  # which micro-batch of the run this is
+                first = step_key * global_batch + accelerator.process_index * local_batch
+                indices = list(range(first, first + batch["pixel_values"].shape[0]))
+                loss = training_loss(
+                    batch, indices, step_key, args, vae, text_encoder, tokenizer, unet, control_head, base_unet,
+                    noise_scheduler, empty_ids, scaling, weight_dtype, accelerator.device,
+                )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(adapter_params + list(base_head.parameters()), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro += 1
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            progress.update(1)
+            logs = {"loss": accelerator.reduce(loss.detach(), "mean").item(), "lr": lr_scheduler.get_last_lr()[0]}
+            progress.set_postfix(**logs)
+            accelerator.log(logs, step=global_step)
+            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+                common.save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+            if accelerator.is_main_process and (global_step % args.validation_steps == 0 or global_step == args.max_train_steps):
+                metrics = validator.run(global_step)
+            if global_step >= args.max_train_steps:
+                break
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        card = common.model_card("BOFT control adapter", args, boft_config, summary, metrics)
+        common.save_final(args.output_dir, base_unet, base_head, card)
+        with open(os.path.join(args.output_dir, "validation_metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
+        logger.info(f"Saved adapter and control head to {args.output_dir}")
+    accelerator.end_training()
+    return metrics
+
+
+def training_loss(batch, indices, step_key, args, vae, text_encoder, tokenizer, unet, control_head, base_unet,
+                  noise_scheduler, empty_ids, scaling, weight_dtype, device) -> torch.Tensor:
+    """Denoising loss of one micro-batch; every random draw comes from (seed, step, sample index)."""
+    pixels = batch["pixel_values"].to(device, weight_dtype)
+    with torch.no_grad():
+        posterior = vae.encode(pixels).latent_dist
+    latent_shape = posterior.mean.shape[1:]
+    noise, timesteps, drop = common.per_sample_noise(
+        (2, *latent_shape), args.seed, step_key, indices, noise_scheduler.config.num_train_timesteps,
+        args.proportion_empty_prompts,
+    )
+    vae_noise, noise = noise[:, 0].to(device, weight_dtype), noise[:, 1].to(device, weight_dtype)
+    latents = (posterior.mean + posterior.std * vae_noise) * scaling
+    timesteps = timesteps.to(device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    ids = common.tokenize(tokenizer, batch["caption"])
+    ids = torch.where(drop[:, None], empty_ids.expand_as(ids), ids).to(device)
+    with torch.no_grad():
+        text = text_encoder(ids)[0]
+    residual = control_head(batch["conditioning_pixel_values"].to(device))  # (B, C, h, w), fp32
+    with control_residual(base_unet, residual):
+        pred = unet(noisy, timesteps, text).sample
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    return F.mse_loss(pred.float(), target.float())
+
+
+if __name__ == "__main__":
+    main()
