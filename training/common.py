@@ -109,16 +109,17 @@ def weight_dtype_of(accelerator: Accelerator) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
-def load_components(model_name_or_path: str | None):
-    """(path, tokenizer, text_encoder, vae, unet, noise_scheduler) of a diffusers SD folder or hub id."""
+def load_components(model_name_or_path: str | None, dtype: torch.dtype = torch.float32):
+    """(path, tokenizer, text_encoder, vae, unet, noise_scheduler) of a diffusers SD folder or hub id,
+    frozen, weights in `dtype`."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     path = resolve_model(model_name_or_path)
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
     scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
     for model in (text_encoder, vae, unet):
         model.requires_grad_(False)
@@ -148,7 +149,8 @@ class GlobalBatches(torch.utils.data.Sampler):
     """
 
     def __init__(self, num_rows: int, global_batch: int, seed: int, multiple: int = 1):
-        self.num_rows, self.global_batch, self.seed = num_rows, global_batch, seed
+        self.num_rows, self.seed = num_rows, seed
+        self.batch_size = global_batch  # read by accelerate to split each batch across processes
         self.per_epoch = num_rows // global_batch // multiple * multiple  # whole accumulation cycles only
         self.epoch, self.start = 0, 0
 
@@ -161,7 +163,7 @@ class GlobalBatches(torch.utils.data.Sampler):
     def __iter__(self):
         order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(self.seed + self.epoch))
         for b in range(self.start, self.per_epoch):
-            yield order[b * self.global_batch : (b + 1) * self.global_batch].tolist()
+            yield order[b * self.batch_size : (b + 1) * self.batch_size].tolist()
 
 
 # ----------------------------------------------------------------------------- noise

@@ -18,6 +18,7 @@ import os
 import torch
 import torch.nn.functional as F
 from accelerate.logging import get_logger
+from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
@@ -57,15 +58,18 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     accelerator = common.make_accelerator(args)
+    set_seed(args.seed)  # the control head's init; noise is seeded per sample (common.per_sample_noise)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
 
     # Models: frozen base in the compute dtype, trainable adapter and head in fp32.
     weight_dtype = common.weight_dtype_of(accelerator)
-    model_path, tokenizer, text_encoder, vae, unet, noise_scheduler = common.load_components(args.pretrained_model_name_or_path)
+    model_path, tokenizer, text_encoder, vae, unet, noise_scheduler = common.load_components(
+        args.pretrained_model_name_or_path, weight_dtype
+    )
     resolution = args.resolution or common.default_resolution(unet, vae)
     for model in (text_encoder, vae, unet):
-        model.to(accelerator.device, dtype=weight_dtype)
+        model.to(accelerator.device)
     boft_config = common.boft_config_from_args(args)
     add_boft(unet, boft_config)
     unet.train()

@@ -13,7 +13,7 @@ from PIL import Image
 
 from boft_diffusion.data import decode_segmentation, make_dataset
 from boft_diffusion.metrics import score_landmarks, score_segmentation
-from pipelines import BOFTPipeline, image_grid
+from pipelines import BOFTPipeline, interpolation_grid
 
 logger = logging.getLogger("boft_diffusion.training")
 
@@ -22,9 +22,7 @@ def load_sampling_scheduler(model_path: str):
     """The scheduler class the model ships for sampling (its scheduler_config.json names it)."""
     import diffusers
 
-    from diffusers.configuration_utils import ConfigMixin
-
-    config = ConfigMixin.load_config(model_path, subfolder="scheduler")
+    config = diffusers.DDPMScheduler.load_config(model_path, subfolder="scheduler")
     return getattr(diffusers, config["_class_name"]).from_config(config)
 
 
@@ -90,7 +88,7 @@ class ControlValidator:
         finally:
             unet.train(), head.train()
         metrics = score(self.args.task, images, self.targets)
-        grid = image_grid([self.controls, images], ["control", f"step {step}"])
+        grid = interpolation_grid([[c, i] for c, i in zip(self.controls, images)], ["control", f"step {step}"], cell_size=96)
         folder = os.path.join(self.args.output_dir, "validation")
         os.makedirs(folder, exist_ok=True)
         grid.save(os.path.join(folder, f"step-{step:06d}.png"))

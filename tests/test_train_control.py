@@ -1,0 +1,125 @@
+"""train_control.py end to end at tiny sizes: outputs, resume equality, 2-process equality, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from training import common, train_control
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def args_for(model_dir, out, *extra):
+    return [
+        "--pretrained_model_name_or_path", model_dir, "--output_dir", str(out), "--report_to", "none",
+        "--synthetic_samples", "16", "--train_batch_size", "2", "--max_train_steps", "4",
+        "--learning_rate", "1e-3", "--boft_block_size", "8", "--boft_n_butterfly_factors", "2",
+        "--checkpointing_steps", "2", "--validation_steps", "1000", "--num_validation_images", "1",
+        "--num_inference_steps", "2", "--seed", "7", *extra,
+    ]
+
+
+def adapter(folder):
+    weights = load_file(str(Path(folder) / "boft_weights.safetensors"))
+    head = load_file(str(Path(folder) / "control_head" / "diffusion_pytorch_model.safetensors"))
+    return weights, head
+
+
+def assert_same(a, b, atol=1e-6):
+    for part_a, part_b in zip(a, b):
+        assert part_a.keys() == part_b.keys()
+        for key in part_a:
+            torch.testing.assert_close(part_a[key], part_b[key], atol=atol, rtol=0, msg=key)
+
+
+def test_outputs_resume_and_validation_metrics(tiny_sd_dir, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    metrics = train_control.main(args_for(tiny_sd_dir, straight))
+    names = sorted(p.name for p in straight.iterdir())
+    for expected in ["boft_config.json", "boft_weights.safetensors", "control_head", "model_card.md", "checkpoint-4"]:
+        assert expected in names
+    assert set(metrics) == {"landmark_error", "detection_rate"}
+    assert (straight / "validation" / "step-000004.png").is_file()
+    assert load_file(str(straight / "boft_weights.safetensors"))[next(iter(adapter(straight)[0]))].dtype == torch.float32
+    trained = adapter(straight)
+    assert any(v.abs().max() > 0 for k, v in trained[0].items() if k.endswith("boft_skew"))
+
+    # Kill after the step-2 checkpoint, then resume from "latest": same adapter as the straight run.
+    killed = tmp_path / "killed"
+    real_save = common.save_checkpoint
+
+    def save_then_die(accelerator, output_dir, step, limit):
+        real_save(accelerator, output_dir, step, limit)
+        raise KeyboardInterrupt("killed after checkpoint")
+
+    monkeypatch.setattr(common, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_control.main(args_for(tiny_sd_dir, killed))
+    monkeypatch.setattr(common, "save_checkpoint", real_save)
+    assert [p.name for p in common.list_checkpoints(killed)] == ["checkpoint-2"]
+    train_control.main(args_for(tiny_sd_dir, killed, "--resume_from_checkpoint", "latest"))
+    assert_same(adapter(killed), trained)
+
+
+def test_checkpoint_limit_and_half_written_checkpoints_are_ignored(tiny_sd_dir, tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoint-99.tmp").mkdir(parents=True)  # a killed save: never picked by "latest"
+    train_control.main(args_for(tiny_sd_dir, out, "--checkpointing_steps", "1", "--checkpoints_total_limit", "2"))
+    assert [p.name for p in common.list_checkpoints(out)] == ["checkpoint-3", "checkpoint-4"]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_with_the_same_global_batch(tiny_sd_dir, tmp_path):
+    one = tmp_path / "one"
+    train_control.main(args_for(tiny_sd_dir, one, "--checkpointing_steps", "100"))
+    two = tmp_path / "two"
+    argv = args_for(tiny_sd_dir, two, "--checkpointing_steps", "100")
+    argv[argv.index("--train_batch_size") + 1] = "1"  # 2 processes x 1 = the same global batch of 2
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "training" / "train_control.py"), *argv],
+        check=True, cwd=ROOT, env=env, timeout=600,
+    )
+    assert_same(adapter(two), adapter(one), atol=1e-5)
+
+
+def test_bf16_keeps_trainable_parameters_fp32(tiny_sd_dir, tmp_path):
+    out = tmp_path / "bf16"
+    train_control.main(args_for(tiny_sd_dir, out, "--mixed_precision", "bf16", "--max_train_steps", "1"))
+    weights, head = adapter(out)
+    assert all(v.dtype == torch.float32 for v in [*weights.values(), *head.values()])
+
+
+def test_missing_columns_and_unreadable_images_are_named(tiny_sd_dir, tmp_path):
+    folder = tmp_path / "data"
+    (folder / "images").mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(folder / "images" / "a.png")
+    rows = [{"file_name": "images/a.png", "caption": "a red circle"}]
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(ValueError, match=r"no column\(s\) \['text', 'conditioning_image'\].*--caption_column"):
+        train_control.main(args_for(tiny_sd_dir, tmp_path / "out", "--train_data_dir", str(folder)))
+
+
+def test_unreadable_image_cell_is_reported():
+    from training.control_data import read_image
+
+    with pytest.raises(ValueError, match="image of row 3 could not be read as an image"):
+        read_image({"bytes": b"not a png", "path": None}, "image of row 3")
+
+
+def test_help_lists_the_diffusers_argument_names():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "training" / "train_control.py"), "--help"], capture_output=True, text=True, cwd=ROOT
+    ).stdout
+    for flag in ["--pretrained_model_name_or_path", "--conditioning_image_column", "--resume_from_checkpoint",
+                 "--boft_n_butterfly_factors", "--proportion_empty_prompts", "--gradient_checkpointing"]:
+        assert flag in out
