@@ -4,8 +4,8 @@ Two phases, one resumable checkpoint: (1) the x2 AutoencoderKL learns to reconst
 images; its latent std sets `scaling_factor`; (2) the UNet and the CLIP text encoder learn
 epsilon prediction jointly (a frozen random text encoder never learned colour words). Data is
 drawn on demand from the shapes generator with sample index = step * batch + i, so a resumed
-run sees exactly the stream it would have seen. Plain PyTorch, no accelerate: this is a
-single-process CPU job whose product is a diffusers folder, not an adapter.
+run sees the images it would have seen (noise and timesteps are reseeded from the step).
+Plain PyTorch, no accelerate: a single-process CPU job whose product is a diffusers folder.
 
     python training/pretrain_tiny.py --threads 1            # ~1 h on one core
     python training/pretrain_tiny.py --resume ...            # continues from work_dir/ckpt.pt
