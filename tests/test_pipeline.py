@@ -115,8 +115,9 @@ def test_plain_sd_folder_and_identity_adapter_match_stable_diffusion(base_dir):
     assert np.array_equal(run(pipe), expected)
     boft_diffusion.add_boft(pipe.unet, CONFIG)  # fresh adapter: identity
     freeze(pipe)  # not training
-    np.testing.assert_allclose(run(pipe), expected, atol=1e-6)
+    assert np.array_equal(run(pipe), expected)
     assert pipe.is_fused  # sampling fused the weights once and keeps them fused
+    assert np.array_equal(run(BOFTPipeline.from_pipe(sd)), expected)
 
 
 def test_fused_equals_unfused_and_k_refuses(base_dir):
@@ -168,12 +169,33 @@ def test_k0_is_base_plus_control_head_and_scale(base_dir, adapter_dir):
     with torch.no_grad():
         for _, rotation in rotations(reference.unet):
             rotation.boft_skew.zero_()
-    np.testing.assert_allclose(k0, run(reference, control_image=control_map()), atol=1e-5)
+    assert np.array_equal(k0, run(reference, control_image=control_map()))
 
     s = next(r for _, r in rotations(reference.unet)).boft_s
     assert not torch.allclose(s, torch.ones_like(s))  # the learned scale is in effect
     no_control = run(pipe, control_scale=0.0)
     assert np.abs(k0 - no_control).max() > 1e-3  # the head changes the image
+
+
+def test_adapters_compose_and_switch(base_dir, adapter_dir):
+    pipe = load(base_dir)
+    pipe.load_boft(adapter_dir, "a")
+    only_a = run(pipe, control_image=control_map())
+    pipe.load_boft(adapter_dir, "b")
+    assert pipe.boft_adapters == ["a", "b"]
+    both = run(pipe, control_image=control_map())
+    pipe.set_adapters(["a"])
+    assert np.array_equal(run(pipe, control_image=control_map()), only_a)
+    pipe.set_adapters([])
+    none = run(pipe, control_image=control_map())
+    assert not np.array_equal(none, only_a) and not np.array_equal(both, only_a)
+    with pytest.raises(ValueError, match="not BOFT adapters"):
+        pipe.set_adapters(["a", "lora"])
+
+    steps = []
+    pipe(PROMPT, control_map(), num_inference_steps=2, output_type="np",
+         callback_on_step_end=lambda p, i, t, kw: steps.append(i) or kw)
+    assert steps == [0, 1]
 
 
 def test_interpolate_and_grid(base_dir, adapter_dir):
