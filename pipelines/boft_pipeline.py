@@ -94,8 +94,14 @@ class BOFTPipeline(StableDiffusionPipeline):
         if head_folder.is_dir():
             head = ControlHead.from_pretrained(head_folder, torch_dtype=self.unet.dtype)
             self._check_control_head(head, head_folder)
+        was_fused = self.is_fused
         self.unfuse()  # adapters are added to unfused weights; sampling fuses again
-        config = boft_diffusion.load_boft(self.unet, path, adapter_name, backend=self._boft_backend)
+        try:
+            config = boft_diffusion.load_boft(self.unet, path, adapter_name, backend=self._boft_backend)
+        except BaseException:
+            if was_fused:
+                self.fuse()
+            raise
         for _, rotation in rotations(self.unet, adapter_name):
             # Loaded for inference, so sampling keeps it fused. Only the skew: the library reads
             # boft_s.requires_grad as "s is trained" when saving.
