@@ -71,7 +71,6 @@ class BOFTAttnProcessor(nn.Module):
         self.fused = False
         # Kept outside the module tree: the original processor may itself be an nn.Module.
         self.__dict__["original_processor"] = original_processor
-        self.__dict__["base_weights"] = {}
 
     def add_adapter(self, name: str, rotations: dict[str, ButterflyRotation]) -> None:
         self.adapters[name] = nn.ModuleDict({module_key(p): r for p, r in rotations.items()})
@@ -94,7 +93,8 @@ class BOFTAttnProcessor(nn.Module):
         for projection in _projections(self):
             layer = projection_layer(attn, projection)
             rotations = self.rotations(projection)
-            self.base_weights[projection] = layer.weight.detach().clone()
+            # A non-persistent buffer: follows .to() with the UNet, never lands in a state dict.
+            self.register_buffer(_base_name(projection), layer.weight.detach().clone(), persistent=False)
             if not rotations:
                 continue
             with torch.no_grad():
@@ -106,9 +106,10 @@ class BOFTAttnProcessor(nn.Module):
         if not self.fused:
             return
         with torch.no_grad():
-            for projection, weight in self.base_weights.items():
-                projection_layer(attn, projection).weight.copy_(weight)
-        self.base_weights.clear()
+            for projection in _projections(self):
+                name = _base_name(projection)
+                if name in self._buffers:
+                    projection_layer(attn, projection).weight.copy_(self._buffers.pop(name))
         self.fused = False
 
     def forward(
@@ -190,6 +191,11 @@ class BOFTAttnProcessor(nn.Module):
             mask = mask.expand(-1, query.shape[1], -1)  # (B*h, T, S)
         out = xformers.ops.memory_efficient_attention(query, key, value, attn_bias=mask, scale=attn.scale)
         return attn.batch_to_head_dim(out).reshape(batch, -1, attn.heads * head_dim)
+
+
+def _base_name(projection: str) -> str:
+    """Buffer holding a projection's base weight while fused."""
+    return f"base_weight_{module_key(projection)}"
 
 
 def _projections(processor: BOFTAttnProcessor) -> Sequence[str]:

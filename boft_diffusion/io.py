@@ -55,7 +55,7 @@ def adapter_state_dict(unet, adapter_name: str | None = None) -> dict[str, torch
     state = {}
     for path, rotation in rotations(unet, adapter_name):
         state[f"{path}.boft_skew"] = rotation.boft_skew
-        if rotation.boft_s.requires_grad:
+        if rotation.train_scale:
             state[f"{path}.boft_s"] = rotation.boft_s
     return state
 

@@ -69,7 +69,7 @@ class ButterflyRotation(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.block_size, self.n_factors = block_size, n_factors
-        self.dropout = dropout
+        self.dropout, self.train_scale = dropout, train_scale
         skew = torch.zeros(n_factors, in_features // block_size, num_skew_params(block_size))
         scale = torch.ones(out_features)
         if init == "random":
@@ -87,7 +87,7 @@ class ButterflyRotation(nn.Module):
 
     def num_parameters(self) -> int:
         """Trainable numbers: m * (d/b) * b(b-1)/2 skew entries, plus s when it is trained."""
-        return self.boft_skew.numel() + (self.boft_s.numel() if self.boft_s.requires_grad else 0)
+        return self.boft_skew.numel() + (self.boft_s.numel() if self.train_scale else 0)
 
     def set_active(self, mask: Sequence[bool]) -> None:
         if len(mask) != self.n_factors:

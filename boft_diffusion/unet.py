@@ -184,8 +184,8 @@ def unfuse_boft(unet: nn.Module) -> nn.Module:
 
 
 def boft_parameters(unet: nn.Module, adapter_name: str | None = None) -> list[nn.Parameter]:
-    """Trainable BOFT parameters (for the optimizer)."""
-    return [p for _, r in rotations(unet, adapter_name) for p in r.parameters() if p.requires_grad]
+    """Trainable BOFT parameters (for the optimizer): the skews, and s where it is trained."""
+    return [p for _, r in rotations(unet, adapter_name) for p in (r.boft_skew, r.boft_s) if p is r.boft_skew or r.train_scale]
 
 
 def parameter_count(unet: nn.Module, adapter_name: str | None = None) -> tuple[int, dict[str, int]]:
@@ -210,5 +210,5 @@ def randomize_boft(unet: nn.Module, adapter_name: str | None = None, std: float 
     """Random skew entries and scales (for tests and demos of a non-identity adapter)."""
     for _, rotation in rotations(unet, adapter_name):
         rotation.boft_skew.copy_(torch.randn(rotation.boft_skew.shape, generator=generator) * std)
-        if rotation.boft_s.requires_grad:
+        if rotation.train_scale:
             rotation.boft_s.copy_(1 + torch.randn(rotation.boft_s.shape, generator=generator) * std)

@@ -9,6 +9,9 @@ import torch
 from diffusers import UNet2DConditionModel
 from tiny_unets import UNET_CONFIGS
 
+# Tiny models gain nothing from a second thread, and a busy 2-core machine loses a lot to it.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def unet_dirs(tmp_path_factory):

@@ -114,6 +114,7 @@ def test_save_load_round_trip(unet_dirs, layout, tmp_path):
     unet = adapted(unet_dirs, layout)
     inputs = unet_inputs(unet)
     expected = run_unet(unet, inputs)
+    unet.requires_grad_(False)  # a frozen adapter still saves its learned scale s
     save_boft(unet, tmp_path / "adapter")
     assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["boft_config.json", "boft_weights.safetensors"]
     fresh = load_unet(unet_dirs, layout)

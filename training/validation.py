@@ -59,7 +59,8 @@ def score(task: str, images, targets) -> dict:
 
 class ControlValidator:
     """Generates the validation images with the training modules themselves (eval mode, fp32
-    adapter, unfused) and restores train mode afterwards."""
+    adapter; the pipeline fuses for sampling and restores the kept base weights exactly after),
+    and restores train mode afterwards."""
 
     def __init__(self, args, model_path, resolution, vae, text_encoder, tokenizer, unet, control_head, weight_dtype, accelerator):
         self.args, self.accelerator = args, accelerator
@@ -70,7 +71,6 @@ class ControlValidator:
             scheduler=load_sampling_scheduler(model_path), safety_checker=None, feature_extractor=None,
             requires_safety_checker=False, control_head=control_head,
         )
-        self.pipeline.fuse_for_sampling = False  # fusing would write into the weights being trained
         self.pipeline.set_progress_bar_config(disable=True)
 
     def run(self, step: int) -> dict:

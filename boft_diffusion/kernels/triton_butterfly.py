@@ -127,7 +127,7 @@ def rotate_backward_kernel(
     c = tl.arange(0, G)
     feats = (k * G + c)[None, :]
     m_t = tl.load(m_ptr + k * G * G + c[None, :] * G + c[:, None])  # (G, G): M_k^T
-    acc_a = tl.zeros((G, G), dtype=tl.float32)
+    acc_a = tl.full((G, G), 0.0, tl.float32)
     for i in range(tiles_per_prog):
         r = (p * tiles_per_prog + i) * BT + tl.arange(0, BT)  # (BT,)
         rmask = (r < rows)[:, None]
@@ -160,7 +160,7 @@ def blocks_grad_kernel(
     c = tl.arange(0, G)
     feats = k * G + c
     a_offs = c[:, None] * G + c[None, :]
-    acc = tl.zeros((G, G), dtype=tl.float32)
+    acc = tl.full((G, G), 0.0, tl.float32)
     for p in range(n_partials):
         acc += tl.load(a_ptr + (p * n_chunks + k) * G * G + a_offs)
     for j in tl.static_range(L):  # left: F_{o_{idx-1}}^T ... F_{o_0}^T A
