@@ -90,9 +90,9 @@ def chunk_matrix_kernel(
 @triton.jit
 def rotate_kernel(
     x_ptr, m_ptr, y_ptr, rows, stride_x, stride_y,
-    G: tl.constexpr, BT: tl.constexpr, TRANS_M: tl.constexpr, PREC: tl.constexpr,
+    G: tl.constexpr, BT: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """y[rows tile, chunk k] = x[tile, chunk k] @ M_k (or @ M_k^T). Grid (cdiv(rows, BT), d/G).
+    """y[rows tile, chunk k] = x[tile, chunk k] @ M_k. Grid (cdiv(rows, BT), d/G).
 
     One read of x, one write of y; M_k (G x G) comes from L2.
     """
@@ -103,11 +103,10 @@ def rotate_kernel(
     rmask = (r < rows)[:, None]
     r64 = r.to(tl.int64)[:, None]
     x = tl.load(x_ptr + r64 * stride_x + (k * G + c)[None, :], mask=rmask, other=0.0)  # (BT, G)
-    m_base = m_ptr + k * G * G
-    if TRANS_M:
-        mk = tl.load(m_base + c[None, :] * G + c[:, None])  # (G, G): M_k^T
-    else:
-        mk = tl.load(m_base + c[:, None] * G + c[None, :])  # (G, G): M_k
+    mk = tl.load(m_ptr + k * G * G + c[:, None] * G + c[None, :])  # (G, G): M_k
+    if UPCAST:  # the interpreter multiplies bf16 as raw bits; fp32 products of bf16 are exact anyway
+        x = x.to(tl.float32)
+        mk = mk.to(tl.float32)
     y = tl.dot(x, mk, input_precision=PREC)  # fp32 accumulate
     tl.store(y_ptr + r64 * stride_y + (k * G + c)[None, :], y.to(y_ptr.dtype.element_ty), mask=rmask)
 
@@ -115,7 +114,7 @@ def rotate_kernel(
 @triton.jit
 def rotate_backward_kernel(
     x_ptr, g_ptr, m_ptr, gx_ptr, a_ptr, rows, tiles_per_prog, stride_x, stride_g, stride_gx,
-    G: tl.constexpr, BT: tl.constexpr, NEED_A: tl.constexpr, PREC: tl.constexpr,
+    G: tl.constexpr, BT: tl.constexpr, NEED_A: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """grad_x = g @ M_k^T per tile, and (NEED_A) this program's partial A_k = sum x^T g.
 
@@ -127,16 +126,22 @@ def rotate_backward_kernel(
     c = tl.arange(0, G)
     feats = (k * G + c)[None, :]
     m_t = tl.load(m_ptr + k * G * G + c[None, :] * G + c[:, None])  # (G, G): M_k^T
+    if UPCAST:
+        m_t = m_t.to(tl.float32)
     acc_a = tl.full((G, G), 0.0, tl.float32)
     for i in range(tiles_per_prog):
         r = (p * tiles_per_prog + i) * BT + tl.arange(0, BT)  # (BT,)
         rmask = (r < rows)[:, None]
         r64 = r.to(tl.int64)[:, None]
         g = tl.load(g_ptr + r64 * stride_g + feats, mask=rmask, other=0.0)  # (BT, G)
+        if UPCAST:
+            g = g.to(tl.float32)
         gx = tl.dot(g, m_t, input_precision=PREC)
         tl.store(gx_ptr + r64 * stride_gx + feats, gx.to(gx_ptr.dtype.element_ty), mask=rmask)
         if NEED_A:
             x = tl.load(x_ptr + r64 * stride_x + feats, mask=rmask, other=0.0)  # (BT, G)
+            if UPCAST:
+                x = x.to(tl.float32)
             acc_a += tl.dot(tl.trans(x), g, input_precision=PREC)  # (G, G)
     if NEED_A:
         n_chunks = tl.num_programs(1)
@@ -250,6 +255,10 @@ def _precision(device) -> str:
     return "ieee" if _interpreted() or device.type != "cuda" else "tf32x3"
 
 
+def _upcast(dtype) -> bool:
+    return _interpreted() and dtype == torch.bfloat16
+
+
 def _rows(t, features: int):
     """(..., d) -> (rows, d) with unit feature stride (a view when possible)."""
     t2 = t.reshape(-1, features)
@@ -295,7 +304,7 @@ def rotate(x, blocks, order, transpose: bool):
         bt, warps = tiles(width, x.dtype == torch.float32, backward=False)
         rotate_kernel[(triton.cdiv(rows, bt), features // width)](
             x2, mk, y, rows, x2.stride(0), y.stride(0),
-            G=width, BT=bt, TRANS_M=False, PREC=_precision(x.device), num_warps=warps,
+            G=width, BT=bt, PREC=_precision(x.device), UPCAST=_upcast(x.dtype), num_warps=warps,
         )
     return y.view(x.shape)
 
@@ -326,7 +335,7 @@ def rotate_backward(x, grad, blocks, order, transpose: bool, need_blocks_grad: b
         programs, per_prog, partials = n_tiles, 1, grad_x  # partials unused
     rotate_backward_kernel[(programs, n_chunks)](
         x2, g2, mk, grad_x, partials, rows, per_prog, x2.stride(0), g2.stride(0), grad_x.stride(0),
-        G=width, BT=bt, NEED_A=need_blocks_grad, PREC=prec, num_warps=warps,
+        G=width, BT=bt, NEED_A=need_blocks_grad, PREC=prec, UPCAST=_upcast(x.dtype), num_warps=warps,
     )
     if need_blocks_grad:
         blocks_grad_kernel[(n_chunks, len(order))](
