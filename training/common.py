@@ -140,6 +140,17 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
     ).input_ids
 
 
+def make_optimizer(args, adapter_params: list, other_params: list = ()) -> torch.optim.Optimizer:
+    """AdamW over the adapter (and e.g. a control head); no weight decay on the output scales s
+    (1-d parameters: decay would pull s towards 0)."""
+    scales = [p for p in adapter_params if p.ndim == 1]
+    others = [p for p in adapter_params if p.ndim != 1] + list(other_params)
+    return torch.optim.AdamW(
+        [{"params": others, "weight_decay": args.adam_weight_decay}, {"params": scales, "weight_decay": 0.0}],
+        lr=args.learning_rate,
+    )
+
+
 # ----------------------------------------------------------------------------- data order
 class GlobalBatches(torch.utils.data.Sampler):
     """Global batches of a seeded permutation per epoch, starting at a given batch.
@@ -278,6 +289,24 @@ def load_adapter_values(unet, folder: str, adapter_name: str | None = None) -> N
         rotation.boft_skew.copy_(skew)
         if f"{path}.boft_s" in state:
             rotation.boft_s.copy_(state[f"{path}.boft_s"])
+
+
+# ----------------------------------------------------------------------------- validation
+def write_validation(accelerator: Accelerator, output_dir: str, step: int, grid, metrics: dict) -> None:
+    """validation/step-N.png + step-N.json under output_dir, the grid to TensorBoard, metrics as val/*."""
+    import numpy as np
+
+    folder = os.path.join(output_dir, "validation")
+    os.makedirs(folder, exist_ok=True)
+    grid.save(os.path.join(folder, f"step-{step:06d}.png"))
+    with open(os.path.join(folder, f"step-{step:06d}.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
+    scalars = {f"val/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+    if scalars:
+        accelerator.log(scalars, step=step)
 
 
 # ----------------------------------------------------------------------------- outputs
