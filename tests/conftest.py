@@ -36,3 +36,13 @@ def tiny_sd_dir(tmp_path_factory):
     from tiny_sd import write_tiny_sd
 
     return write_tiny_sd(tmp_path_factory.mktemp("tiny_sd"))
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Trainers run in-process several times per session; accelerate keeps one global state."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

@@ -81,12 +81,15 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_sd_dir, tmp_pat
     two = tmp_path / "two"
     argv = args_for(tiny_sd_dir, two, "--checkpointing_steps", "100")
     argv[argv.index("--train_batch_size") + 1] = "1"  # 2 processes x 1 = the same global batch of 2
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # torchrun + ACCELERATE_USE_CPU is accelerate's multi-CPU path (gloo); `accelerate launch --cpu`
+    # starts a single process unless MPI is installed.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", str(ROOT / "training" / "train_control.py"), *argv],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(ROOT / "training" / "train_control.py"), *argv],
         check=True, cwd=ROOT, env=env, timeout=600,
     )
+    assert len(list((two / "validation").glob("*.png"))) == 1
     assert_same(adapter(two), adapter(one), atol=1e-5)
 
 

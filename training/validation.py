@@ -63,7 +63,7 @@ class ControlValidator:
     and restores train mode afterwards."""
 
     def __init__(self, args, model_path, resolution, vae, text_encoder, tokenizer, unet, control_head, weight_dtype, accelerator):
-        self.args, self.accelerator = args, accelerator
+        self.args, self.accelerator, self.weight_dtype = args, accelerator, weight_dtype
         self.controls, self.prompts, self.targets = validation_set(args, resolution)
         self.resolution = resolution
         self.pipeline = BOFTPipeline(
@@ -76,15 +76,17 @@ class ControlValidator:
     def run(self, step: int) -> dict:
         unet, head = self.pipeline.unet, self.pipeline.control_head
         unet.eval(), head.eval()
+        mixed = torch.autocast(unet.device.type, dtype=self.weight_dtype, enabled=self.weight_dtype != torch.float32)
         try:
-            images = [
-                self.pipeline(
-                    prompt, control_image=control, height=self.resolution, width=self.resolution,
-                    num_inference_steps=self.args.num_inference_steps,
-                    generator=torch.Generator().manual_seed(self.args.seed + i),
-                ).images[0]
-                for i, (prompt, control) in enumerate(zip(self.prompts, self.controls))
-            ]
+            with mixed:  # frozen weights in the training dtype, adapter in fp32: never recast
+                images = [
+                    self.pipeline(
+                        prompt, control_image=control, height=self.resolution, width=self.resolution,
+                        num_inference_steps=self.args.num_inference_steps,
+                        generator=torch.Generator().manual_seed(self.args.seed + i),
+                    ).images[0]
+                    for i, (prompt, control) in enumerate(zip(self.prompts, self.controls))
+                ]
         finally:
             unet.train(), head.train()
         metrics = score(self.args.task, images, self.targets)
