@@ -21,7 +21,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from boft_diffusion.data import make_dataset
-from boft_diffusion.tiny import model_path
+from boft_diffusion.tiny import resolve_model
 from pipelines import BOFTPipeline, interpolation_grid
 from training import train_control
 from training.validation import score
@@ -29,6 +29,7 @@ from training.validation import score
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--pretrained_model_name_or_path", default=None, help="Base model (default: the embedded tiny model).")
     p.add_argument("--output_dir", default="outputs/demo")
     p.add_argument("--task", choices=["landmarks", "segmentation"], default="landmarks")
     p.add_argument("--max_train_steps", type=int, default=600)
@@ -56,6 +57,7 @@ def main(argv=None) -> dict:
     started = time.time()
     if not args.skip_training:
         train_control.main([
+            *(["--pretrained_model_name_or_path", args.pretrained_model_name_or_path] if args.pretrained_model_name_or_path else []),
             "--output_dir", adapter_dir, "--task", args.task, "--seed", str(args.seed),
             "--max_train_steps", str(args.max_train_steps), "--learning_rate", str(args.learning_rate),
             "--train_batch_size", str(args.train_batch_size), "--boft_block_size", str(args.boft_block_size),
@@ -75,7 +77,9 @@ def main(argv=None) -> dict:
         targets = [decode_segmentation(c) for c in controls]
     metric_keys = ("landmark_error", "detection_rate") if args.task == "landmarks" else ("miou",)
 
-    pipe = BOFTPipeline.from_pretrained(model_path(), safety_checker=None, requires_safety_checker=False)
+    pipe = BOFTPipeline.from_pretrained(
+        resolve_model(args.pretrained_model_name_or_path), safety_checker=None, requires_safety_checker=False
+    )
     pipe.set_progress_bar_config(disable=True)
     base_images = generate(pipe, prompts, [None] * len(prompts), args.num_inference_steps, args.seed)
     results = {"task": args.task, "base": score(args.task, base_images, targets)}
