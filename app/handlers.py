@@ -180,14 +180,17 @@ class Generation:
     adapter: str | None
     k: int
     factors: int
+    seed: int
+    steps: int
     refuse_ms: float
     seconds: float
 
     def status(self) -> str:
+        sampled = f"seed {self.seed}, {self.steps} steps, sampled in {self.seconds:.2f} s"
         if self.adapter is None:
-            return f"Base model (no adapter), sampled in {self.seconds:.2f} s."
+            return f"Base model (no adapter): {sampled}."
         return (f"Adapter `{self.adapter}`: {self.k} of {self.factors} butterfly factors active; "
-                f"weights re-fused in {self.refuse_ms:.1f} ms, sampled in {self.seconds:.2f} s.")
+                f"weights re-fused in {self.refuse_ms:.1f} ms; {sampled}.")
 
 
 Progress = Callable[[int, int], None]  # (steps done, steps in all)
@@ -332,7 +335,8 @@ class ModelHolder:
             out = self.pipe(prompt or "", control_image=image, generator=torch.Generator("cpu").manual_seed(int(seed)),
                             **kwargs)
             k_now = sum(self.pipe.active_factors(name)) if name is not None else 0
-            return Generation(out.images[0], name, k_now, self.factors(name), refuse_ms, time.perf_counter() - started)
+            return Generation(out.images[0], name, k_now, self.factors(name), int(seed), int(steps), refuse_ms,
+                              time.perf_counter() - started)
 
     def strip(self, prompt: str, control=None, negative_prompt: str = "", seed: int = 0, steps: int = 20,
               guidance: float = 7.5, adapter: str | None = None, progress: Progress | None = None) -> Generation:
@@ -352,7 +356,7 @@ class ModelHolder:
             labels = (["control"] if image is not None else []) + [f"k={k}" for k in range(m, -1, -1)]
             cell = None if images[0].width >= 96 else 96  # upscale (nearest) small models' images for the page
             grid = interpolation_grid([cells], labels, cell_size=cell)
-            return Generation(grid, name, m, m, 0.0, time.perf_counter() - started)
+            return Generation(grid, name, m, m, int(seed), int(steps), 0.0, time.perf_counter() - started)
 
     # ------------------------------------------------------------------ what the page shows
     def info(self, adapter: str | None = None) -> str:

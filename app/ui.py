@@ -17,7 +17,7 @@ from .handlers import CONTROL_KINDS, ModelHolder, synthetic_control, write_examp
 PIPELINE = "pipeline"  # concurrency group of every event that uses the model
 CSS = """
 #output-image img, #strip-image img, #control-image img { image-rendering: pixelated; }
-#output-image img { width: 100%; height: 100%; object-fit: contain; }
+#output-image img, #control-image img { width: 100%; height: 100%; object-fit: contain; }
 """
 # System fonts only: the page must render offline (the default theme links Google Fonts).
 THEME = gr.themes.Default(font=("ui-sans-serif", "system-ui", "sans-serif"), font_mono=("ui-monospace", "monospace"))
@@ -40,24 +40,26 @@ def build(holder: ModelHolder) -> gr.Blocks:
             with gr.Column(scale=1):
                 prompt = gr.Textbox(label="Prompt", value=examples[0][1], elem_id="prompt")
                 negative = gr.Textbox(label="Negative prompt", value="")
-                control = gr.Image(label="Control image", type="filepath", format="png", height=220,
+                control = gr.Image(label="Control image", type="filepath", format="png", height=200,
                                    sources=["upload", "clipboard"], elem_id="control-image", value=examples[0][0])
                 with gr.Row():
-                    kind = gr.Dropdown(list(CONTROL_KINDS), value="landmarks", label="Synthetic control", scale=2)
-                    control_seed = gr.Number(value=0, precision=0, label="Control seed", scale=1)
-                    draw = gr.Button("Draw a control image", scale=2)
-                gr.Examples(examples, inputs=[control, prompt], label="Example controls (synthetic landmarks)")
-                with gr.Row():
-                    seed = gr.Number(value=0, precision=0, label="Seed", minimum=0)
-                    steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
-                    guidance = gr.Slider(0.0, 15.0, value=5.0, step=0.5, label="Guidance")
-                adapter_choice = gr.Dropdown(list(holder.adapters), value=adapter, label="Adapter",
-                                             interactive=len(holder.adapters) > 1)
-                factors = gr.Slider(0, max(m, 1), value=m, step=1, label="active butterfly factors",
-                                    interactive=m > 0, elem_id="factors")
+                    adapter_choice = gr.Dropdown(list(holder.adapters), value=adapter, label="Adapter",
+                                                 interactive=len(holder.adapters) > 1, scale=1)
+                    factors = gr.Slider(0, max(m, 1), value=m, step=1, label="active butterfly factors",
+                                        interactive=m > 0, elem_id="factors", scale=2)
                 with gr.Row():
                     generate = gr.Button("Generate", variant="primary", elem_id="generate")
                     strip = gr.Button("Interpolation strip (k = m..0)", elem_id="strip")
+                with gr.Row():
+                    seed = gr.Number(value=0, precision=0, label="Seed", minimum=0, elem_id="seed")
+                    steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
+                    guidance = gr.Slider(0.0, 15.0, value=7.5, step=0.5, label="Guidance")
+                with gr.Row():
+                    kind = gr.Dropdown(list(CONTROL_KINDS), value="landmarks", label="Synthetic control", scale=2)
+                    control_seed = gr.Number(value=0, precision=0, label="Control seed", scale=1)
+                    draw = gr.Button("Draw a control image", scale=2, elem_id="draw-control")
+                gr.Examples(examples, inputs=[control, prompt], label="Example controls (synthetic landmarks)",
+                            examples_per_page=4)
                 with gr.Accordion("Load another adapter", open=False):
                     adapter_path = gr.Textbox(label="Adapter folder (or NAME=FOLDER) on the server")
                     load = gr.Button("Load adapter")
