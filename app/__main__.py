@@ -25,8 +25,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--model", default=None,
                         help="Stable Diffusion folder or hub id (default: the embedded tiny model).")
-    parser.add_argument("--adapter", nargs="+", default=None, metavar="[NAME=]FOLDER",
-                        help="One or several adapter folders (default: outputs/demo/adapter when `make demo` made it).")
+    parser.add_argument("--adapter", nargs="*", default=None, metavar="[NAME=]FOLDER",
+                        help="One or several adapter folders (default: outputs/demo/adapter when `make demo` made it; "
+                             "`--adapter` alone serves the base model).")
     parser.add_argument("--host", default="127.0.0.1", help="Address to serve on (0.0.0.0 exposes it to the network).")
     parser.add_argument("--port", type=int, default=None, help="Port (default: 7860, or the next free one).")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu).")
@@ -54,7 +55,10 @@ def main(argv=None) -> None:
         logging.getLogger("app").warning(
             "No adapter: serving the base model. Run `make demo` to train one (outputs/demo/adapter), "
             "or pass --adapter FOLDER.")
-    holder = ModelHolder(model, adapters, device=args.device, dtype=getattr(torch, args.dtype))
+    try:
+        holder = ModelHolder(model, adapters, device=args.device, dtype=getattr(torch, args.dtype))
+    except (OSError, ValueError) as err:  # not a diffusers folder, unknown hub id offline, ...
+        sys.exit(f"boft-app: cannot load the model {model!r}: {err}")
     threads = args.threads or (1 if holder.device.type == "cpu" and holder.is_small() else None)
     if threads:
         torch.set_num_threads(threads)

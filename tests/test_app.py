@@ -272,3 +272,36 @@ def test_client_errors_show_and_the_app_keeps_serving(served, control, tmp_path,
         call(served, str(other_model_adapter), api_name="/load_adapter")
     out, status = call(served, prompt, "", handle_file(str(tmp_path / "control.png")), *rest, api_name="/generate")
     assert PIL.Image.open(out).size == (32, 32) and "factors active" in status
+
+
+# ---------------------------------------------------------------------------------------------- python -m app
+
+
+def test_main_loads_model_and_adapters_then_launches(monkeypatch, tiny_sd_dir, adapter_dir):
+    import app.__main__ as entry
+    import app.ui
+
+    launched = {}
+    monkeypatch.setattr(app.ui, "launch", lambda demo, host, port: launched.update(demo=demo, host=host, port=port))
+    threads = torch.get_num_threads()
+    try:
+        entry.main(["--model", tiny_sd_dir, "--adapter", f"ctrl={adapter_dir}", "--port", "7999", "--threads", "2"])
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert (launched["host"], launched["port"]) == ("127.0.0.1", 7999)
+    assert isinstance(launched["demo"], gr.Blocks)
+
+
+def test_main_says_how_to_get_a_model(monkeypatch, tmp_path):
+    import app.__main__ as entry
+    import app.handlers
+
+    def missing():
+        raise FileNotFoundError("no model given and the tiny model is missing; run training/pretrain_tiny.py")
+
+    monkeypatch.setattr(app.handlers, "default_model", missing)
+    with pytest.raises(SystemExit, match="boft-app: no model given .*pretrain_tiny"):
+        entry.main([])
+    with pytest.raises(SystemExit, match=f"boft-app: cannot load the model '{tmp_path}'"):
+        entry.main(["--model", str(tmp_path), "--adapter"])
