@@ -61,6 +61,14 @@ def user_errors(prefix: str = ""):
         raise gr.Error(f"{prefix}{err}", print_exception=False) from err
 
 
+def shown_path(path: str) -> str:
+    """A path as the page shows it: relative to the working directory when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except (ValueError, OSError):
+        return str(path)
+
+
 def kernel_label(device, dtype: torch.dtype) -> str:
     """Which butterfly kernel runs for this device/dtype ("pytorch (cpu)", "triton (cuda, float16)", ...)."""
     try:
@@ -363,7 +371,7 @@ class ModelHolder:
         """Markdown: model, adapter layout (block size, factors, parameters), control head, kernel path."""
         unet, size = self.pipe.unet, self.image_size
         base = sum(p.numel() for n, p in unet.named_parameters() if ".processor." not in n)
-        lines = [f"**Model** `{self.model}`: {size}x{size} px, UNet {base:,} parameters, "
+        lines = [f"**Model** `{shown_path(self.model)}`: {size}x{size} px, UNet {base:,} parameters, "
                  f"{self.device.type} {str(self.dtype).replace('torch.', '')}"]
         name = adapter or self.default_adapter()
         if name is None:
@@ -373,7 +381,7 @@ class ModelHolder:
             layout = f"block size {a.block_size}" if a.block_size else f"{a.block_num} blocks per factor"
             head = (f"control head {a.head_parameters:,} parameters" if a.head is not None
                     else "no control head (the control image is not used)")
-            lines.append(f"**Adapter** `{name}` ({a.path}): {layout}, {a.factors} butterfly factors, "
+            lines.append(f"**Adapter** `{name}` ({shown_path(a.path)}): {layout}, {a.factors} butterfly factors, "
                          f"{a.parameters:,} trainable parameters in {a.projections} projections "
                          f"({', '.join(a.targets)}); {head}")
         lines.append(f"**Kernel path** {kernel_label(self.device, self.dtype)}; sampling uses fused weights, "

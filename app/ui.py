@@ -67,8 +67,9 @@ def build(holder: ModelHolder) -> gr.Blocks:
                 image = gr.Image(label="Generated image", format="png", type="pil", interactive=False,
                                  height=360, elem_id="output-image")
                 status = gr.Markdown(label="Status", elem_id="status")
-                strip_image = gr.Image(label="Interpolation strip: k = m, ..., 0 (same seed)", format="png",
-                                       type="pil", interactive=False, elem_id="strip-image")
+                gr.Markdown("**Interpolation strip**: k = m, m-1, ..., 0 active factors from the same seed")
+                strip_image = gr.Image(label="Interpolation strip", show_label=False, format="png", type="pil",
+                                       interactive=False, elem_id="strip-image")
 
         def on_generate(prompt, negative, control, seed, steps, guidance, k, adapter, progress=gr.Progress()):
             result = holder.generate(prompt, control, negative, seed, steps, guidance, k, adapter or None,
