@@ -58,7 +58,7 @@ def install_chromium() -> str:
                     f"`apt-get install -y {' '.join(APT_PACKAGES)}`.")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     log = []
-    for command in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", *APT_PACKAGES]):
+    for command in (["apt-get", "update"], ["apt-get", "install", "-y", *APT_PACKAGES]):
         try:
             done = subprocess.run(prefix + command, env=env, capture_output=True, text=True, timeout=900)
         except (OSError, subprocess.TimeoutExpired) as err:
@@ -93,13 +93,17 @@ class Chromium:
         self._replies: dict[int, queue.Queue] = {}
         self._lock = threading.Lock()
         threading.Thread(target=self._read, daemon=True).start()
-        targets = self.call("Target.getTargets", timeout=60)["targetInfos"]
-        page = next(t for t in targets if t["type"] == "page")
-        self.session = self.call("Target.attachToTarget", {"targetId": page["targetId"], "flatten": True})["sessionId"]
-        self.call("Page.enable", session=True)
-        self.call("Runtime.enable", session=True)
-        self.call("Emulation.setDeviceMetricsOverride",
-                  {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}, session=True)
+        try:
+            targets = self.call("Target.getTargets", timeout=60)["targetInfos"]
+            page = next(t for t in targets if t["type"] == "page")
+            self.session = self.call("Target.attachToTarget", {"targetId": page["targetId"], "flatten": True})["sessionId"]
+            self.call("Page.enable", session=True)
+            self.call("Runtime.enable", session=True)
+            self.call("Emulation.setDeviceMetricsOverride",
+                      {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}, session=True)
+        except BaseException:
+            self.close()
+            raise
 
     def _read(self) -> None:
         buffer = b""
@@ -108,6 +112,7 @@ class Chromium:
             if not chunk:  # Chromium exited: fail the calls still waiting instead of timing out
                 for pending in list(self._replies.values()):
                     pending.put({"error": f"Chromium exited (code {self.process.poll()})"})
+                os.close(self._from_chrome)
                 return
             buffer += chunk
             *messages, buffer = buffer.split(b"\0")
