@@ -16,37 +16,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .butterfly import apply_factor, cayley, factor_grad, factor_order, num_skew_params
+from . import kernels
+from .butterfly import cayley, factor_order, num_skew_params
 
 logger = logging.getLogger(__name__)
 
 
 class ButterflyRotate(torch.autograd.Function):
     """x R (or x R^T) that saves only x and the blocks: backward recomputes the m intermediates
-    for one layer at a time instead of keeping them for the whole network."""
+    for one layer at a time instead of keeping them for the whole network. The work runs on the
+    fused Triton kernel on CUDA and on the PyTorch path elsewhere (`kernels`)."""
 
     @staticmethod
     def forward(ctx, x, blocks, order: tuple[int, ...], transpose: bool):
         ctx.save_for_backward(x, blocks)
         ctx.order, ctx.transpose = order, transpose
-        for i in order:
-            x = apply_factor(x, blocks[i], i, transpose)
-        return x
+        return kernels.rotate(x, blocks, order, transpose)
 
     @staticmethod
     def backward(ctx, grad):
         x, blocks = ctx.saved_tensors
-        block_size = blocks.shape[-1]
-        inputs = []
-        for i in ctx.order:  # recompute each factor's input (transient, this layer only)
-            inputs.append(x)
-            x = apply_factor(x, blocks[i], i, ctx.transpose)
-        grad_blocks = torch.zeros_like(blocks) if ctx.needs_input_grad[1] else None
-        for i, x_i in zip(reversed(ctx.order), reversed(inputs)):
-            if grad_blocks is not None:
-                grad_blocks[i] = factor_grad(x_i, grad, i, block_size, ctx.transpose).to(blocks.dtype)
-            grad = apply_factor(grad, blocks[i], i, not ctx.transpose)  # B is orthogonal: B^-1 = B^T
-        return grad if ctx.needs_input_grad[0] else None, grad_blocks, None, None
+        grad_x, grad_blocks = kernels.rotate_backward(
+            x, grad, blocks, ctx.order, ctx.transpose, need_blocks_grad=ctx.needs_input_grad[1]
+        )
+        return grad_x if ctx.needs_input_grad[0] else None, grad_blocks, None, None
 
 
 class ButterflyRotation(nn.Module):
