@@ -31,7 +31,7 @@ import torch
 
 from boft_diffusion.control import ControlHead
 from boft_diffusion.data import make_sample
-from boft_diffusion.tiny import resolve_model
+from boft_diffusion import tiny
 from boft_diffusion.unet import parameter_count
 from pipelines import BOFTPipeline, interpolation_grid
 
@@ -80,7 +80,11 @@ def kernel_label(device, dtype: torch.dtype) -> str:
 
 def default_model() -> str:
     """The embedded tiny model (FileNotFoundError that says how to get one when it is missing)."""
-    return resolve_model(None)
+    if not tiny.is_available():
+        raise FileNotFoundError(
+            f"the embedded tiny model is missing at {tiny.MODEL_DIR} (a checkout makes it with "
+            "`python training/pretrain_tiny.py`); or pass --model with a Stable Diffusion folder or hub id.")
+    return tiny.model_path()
 
 
 def default_adapters() -> list[str]:

@@ -297,11 +297,8 @@ def test_main_says_how_to_get_a_model(monkeypatch, tmp_path):
     import app.__main__ as entry
     import app.handlers
 
-    def missing():
-        raise FileNotFoundError("no model given and the tiny model is missing; run training/pretrain_tiny.py")
-
-    monkeypatch.setattr(app.handlers, "default_model", missing)
-    with pytest.raises(SystemExit, match="boft-app: no model given .*pretrain_tiny"):
+    monkeypatch.setattr(app.handlers.tiny, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="boft-app: the embedded tiny model is missing .*pretrain_tiny.* --model"):
         entry.main([])
     with pytest.raises(SystemExit, match=f"boft-app: cannot load the model '{tmp_path}'"):
         entry.main(["--model", str(tmp_path), "--adapter"])
