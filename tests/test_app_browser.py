@@ -1,5 +1,7 @@
-"""A real browser drives the served app: Debian's Chromium (headless) loads the page, moves the
-"active butterfly factors" slider with the keyboard, clicks Generate and sees an image appear.
+"""A real browser drives the served app: Debian's Chromium (headless) loads the page, sets the
+"active butterfly factors" slider with the keyboard, clicks Generate and sees an image appear
+(screenshot: app.png in the test's temp folder); dragging the slider re-generates; a missing
+control image shows an error message and the page keeps working.
 
 Chromium is driven through its DevTools protocol over `--remote-debugging-pipe` (fd 3 in, fd 4
 out, NUL-terminated JSON), so the test needs no Python package and no driver download. When
@@ -214,6 +216,20 @@ def drive(browser: Chromium, url: str, k: int, screenshot, timeout: float = 120)
     return {"start": start, "max": top, "size": size, "status": status, "errors": errors}
 
 
+def drag_slider_to_zero(browser: Chromium, timeout: float = 60) -> str:
+    """Drag the slider's thumb to 0 with the mouse: releasing it re-generates without a click on Generate."""
+    right, left, y = browser.evaluate(
+        "(() => { const e = document.querySelector('#factors input[type=range]'); e.scrollIntoView({block: 'center'});"
+        " const r = e.getBoundingClientRect(); return [r.right - 4, r.left + 4, r.y + r.height / 2]; })()"
+    )
+    for kind, x in (("mouseMoved", right), ("mousePressed", right), ("mouseMoved", (right + left) / 2),
+                    ("mouseMoved", left), ("mouseReleased", left)):
+        browser.call("Input.dispatchMouseEvent", {"type": kind, "x": x, "y": y, "button": "left", "clickCount": 1,
+                                                  "buttons": 0 if kind == "mouseReleased" else 1}, session=True)
+    return browser.wait_for("document.querySelector('#status').innerText.includes('0 of 3') && "
+                            "document.querySelector('#status').innerText", timeout, "a generation on slider release")
+
+
 def error_then_recovery(browser: Chromium, timeout: float = 60) -> tuple[str, str]:
     """Remove the control image and Generate (an error toast), then draw a control and Generate again."""
     browser.click("#control-image button[aria-label='Remove Image']")
@@ -237,7 +253,7 @@ def chromium():
     return install_chromium()
 
 
-def test_browser_sets_slider_clicks_generate_and_sees_an_image(chromium, tiny_sd_dir, tmp_path, one_thread):  # noqa: F811
+def test_browser_sets_slider_generates_and_shows_errors(chromium, tiny_sd_dir, tmp_path, one_thread):  # noqa: F811
     from app.handlers import ModelHolder
     from app.ui import build, launch
 
@@ -251,6 +267,7 @@ def test_browser_sets_slider_clicks_generate_and_sees_an_image(chromium, tiny_sd
         (tmp_path / "chromium").mkdir()
         browser = Chromium(chromium, tmp_path / "chromium")
         seen = drive(browser, f"http://127.0.0.1:{port}/", k=1, screenshot=tmp_path / "app.png")
+        released = drag_slider_to_zero(browser)
         error, status = error_then_recovery(browser)
     finally:
         if browser is not None:
@@ -262,5 +279,6 @@ def test_browser_sets_slider_clicks_generate_and_sees_an_image(chromium, tiny_sd
     assert "1 of 3 butterfly factors active" in seen["status"], seen
     assert not seen["errors"], seen
     assert (tmp_path / "app.png").stat().st_size > 10_000
+    assert "0 of 3 butterfly factors active" in released, released
     assert "trained with a control image" in error, error
-    assert "1 of 3 butterfly factors active" in status, status
+    assert "0 of 3 butterfly factors active" in status and "seed 1," in status, status
