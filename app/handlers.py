@@ -159,8 +159,11 @@ def write_examples(folder: str | os.PathLike, kind: str = "landmarks", n: int = 
     examples = []
     for seed in range(n):
         image, caption = synthetic_control(kind, seed, size)
-        path = folder / f"{kind}_{seed}.png"
-        image.save(path)
+        path = folder / f"{kind}_{size}_{seed}.png"
+        if not path.is_file():  # written atomically: several app processes may share the folder
+            partial = folder / f".{path.name}.{os.getpid()}.tmp"
+            image.save(partial, format="PNG")
+            os.replace(partial, path)
         examples.append([str(path), caption])
     return examples
 
