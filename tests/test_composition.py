@@ -2,6 +2,8 @@
 and BOFTPipeline: R = R_control R_subject is orthogonal and applied in that order, either adapter can be
 switched off, fusing both equals running unfused, and interpolation works per adapter."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -181,3 +183,27 @@ def test_adapter_names_are_unique(both, adapter_dirs):
     with pytest.raises(ValueError, match="already installed"):
         both.load_boft(adapter_dirs["subject"], adapter_name="subject")
     assert both.boft_adapters == ["control", "subject"]
+
+
+def test_evaluate_script_scores_every_configuration(tiny_sd_dir, adapter_dirs, tmp_path):
+    from training import evaluate_subject
+
+    out = tmp_path / "eval"
+    results = evaluate_subject.main([
+        "--pretrained_model_name_or_path", str(tiny_sd_dir), "--adapter", f"control={adapter_dirs['control']}",
+        "--adapter", f"subject={adapter_dirs['subject']}", "--prompts", "a photo of sks square", "a red square",
+        "--num_images", "2", "--num_inference_steps", "2", "--ablate", "--output_dir", str(out),
+        "--grid", str(tmp_path / "docs" / "grid.png"),
+    ])
+    assert list(results["configs"]) == ["control+subject", "control", "subject", "base"]
+    assert results["identifier"] == ["sks"]
+    both, subject = results["configs"]["control+subject"], results["configs"]["subject"]
+    assert both["active_adapters"] == ["control", "subject"]
+    for key in ("subject_similarity", "prompt_shape", "landmark_error", "landmark_detection_rate"):
+        assert key in both["subject_prompts"]
+    assert {"prompt_color", "prompt_both"} <= set(both["other_prompts"])  # "a red square" names its colour
+    assert "prompt_color" not in both["subject_prompts"]  # "a photo of sks square" does not
+    assert "landmark_error" not in subject["subject_prompts"]  # control off: no control image, no landmark score
+    assert set(results["subject_similarity_ceiling"]) == {"references", "vae_reconstructions"}
+    assert (out / "grid.png").is_file() and (tmp_path / "docs" / "grid.png").is_file()
+    assert json.loads((out / "metrics.json").read_text())["configs"].keys() == results["configs"].keys()

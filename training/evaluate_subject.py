@@ -88,11 +88,13 @@ def score(images_by_prompt: dict[str, list], references: list, identifier: list[
         images = [im for p in prompts for im in images_by_prompt[p]]
         captions = [p for p in prompts for _ in images_by_prompt[p]]
         metrics = {"n_images": len(images), "subject_similarity": subject_similarity(images, references)}
-        objects = [o for c in captions for o in parse_caption(c)]
-        if objects:  # colour and "both" only where every prompt names the colour (not "a photo of sks square")
+        if any(parse_caption(c) for c in captions):  # prompts that name shapes
             accuracy = prompt_accuracy(images, captions)
-            keep = ("shape", "detected") + (("color", "both") if all(colour for colour, _ in objects) else ())
-            metrics.update({f"prompt_{k}": accuracy[k] for k in keep})
+            metrics.update(prompt_shape=accuracy["shape"], prompt_detected=accuracy["detected"])
+        coloured = [i for i, c in enumerate(captions) if parse_caption(c) and all(col for col, _ in parse_caption(c))]
+        if coloured:  # colour and both only where the prompt names every colour (not "a photo of sks square")
+            accuracy = prompt_accuracy([images[i] for i in coloured], [captions[i] for i in coloured])
+            metrics.update(prompt_color=accuracy["color"], prompt_both=accuracy["both"], prompt_n_coloured=len(coloured))
         if dino is not None:
             metrics["dino"] = dino(images, references)
         if clip is not None:
@@ -116,6 +118,20 @@ def prompt_grid(columns: dict[str, dict[str, list]], per_prompt: int, cell_size:
         rows.append(list(references[:len(rows[0])]) + [references[0]] * max(0, len(rows[0]) - len(references)))
         row_labels.append("references")
     return interpolation_grid(rows, labels, row_labels=row_labels, cell_size=cell_size)
+
+
+@torch.no_grad()
+def autoencoder_ceiling(pipe, references: list) -> dict:
+    """Subject similarity of the references' own VAE reconstructions: no UNet can score above what the
+    decoder can draw (with references split in halves, so an image is never compared with itself)."""
+    half = max(1, len(references) // 2)
+    pixels = pipe.image_processor.preprocess(references).to(pipe.vae.device, pipe.vae.dtype)  # (n, 3, H, W) in [-1, 1]
+    decoded = pipe.vae.decode(pipe.vae.encode(pixels).latent_dist.mean).sample
+    reconstructions = pipe.image_processor.postprocess(decoded, output_type="pil")
+    return {
+        "references": subject_similarity(references[half:] or references, references[:half]),
+        "vae_reconstructions": subject_similarity(reconstructions[half:] or reconstructions, references[:half]),
+    }
 
 
 def synthetic_controls(n: int, size: int, seed: int = 0) -> tuple[list, list]:
@@ -274,11 +290,13 @@ def main(argv=None) -> dict:
     results = {"base_model": base, "adapters": dict(adapters), "identifier": identifier, "prompts": prompts,
                "num_images": args.num_images, "seed": args.seed, "num_inference_steps": args.num_inference_steps,
                "guidance_scale": args.guidance_scale, "configs": {}}
+    results["subject_similarity_ceiling"] = autoencoder_ceiling(pipe, references)
     dino = DinoSimilarity(args.dino_model) if args.dino_model else None
     clip = ClipScores(args.clip_model) if args.clip_model else None
     columns = {}
     for label, active in configs.items():
-        pipe.set_adapters(active)
+        if names:  # (set_adapters([]) on a pipeline without BOFT adapters goes to diffusers' LoRA code)
+            pipe.set_adapters(active)
         with_control = head_owner in active
         images = generate(pipe, prompts, args.num_images, args.seed, args.num_inference_steps, args.guidance_scale,
                           controls if with_control else None, 1.0 if with_control else 0.0, args.batch_size)
@@ -286,7 +304,8 @@ def main(argv=None) -> dict:
         results["configs"][label]["active_adapters"] = active
         columns[label] = images
         logger.info("%s: %s", label, json.dumps(results["configs"][label]))
-    pipe.set_adapters(names)
+    if names:
+        pipe.set_adapters(names)
 
     os.makedirs(args.output_dir, exist_ok=True)
     grid_columns = dict(columns)
@@ -300,6 +319,9 @@ def main(argv=None) -> dict:
     with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
         json.dump(results, f, indent=2)
     print(table(results))
+    ceiling = results["subject_similarity_ceiling"]
+    print(f"\nsubject_similarity of other reference views: {ceiling['references']:.3f}; of the VAE's reconstructions "
+          f"of them (the most any UNet can reach): {ceiling['vae_reconstructions']:.3f}")
     print(f"\nWrote {os.path.join(args.output_dir, 'grid.png')} and {os.path.join(args.output_dir, 'metrics.json')}")
     return results
 
