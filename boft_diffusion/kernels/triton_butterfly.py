@@ -36,9 +36,9 @@ def _factor_offsets(rows_f, cols_f, FI: tl.constexpr, B: tl.constexpr, N_BLOCKS,
     rows_f (R,), cols_f (K,): global feature indices. Returns (offsets (R, K), same_block (R, K)).
     TRANSPOSE reads Q^T (x B_i^T) instead of Q (x B_i).
     """
-    HALF: tl.constexpr = B // 2
-    PAIRS: tl.constexpr = 1 << FI  # blocks per chunk of factor FI
-    CHUNK: tl.constexpr = B * PAIRS
+    HALF = B // 2
+    PAIRS = 1 << FI  # blocks per chunk of factor FI
+    CHUNK = B * PAIRS
     wr = rows_f % CHUNK
     wc = cols_f % CHUNK
     block_r = (rows_f // CHUNK) * PAIRS + (wr // HALF) % PAIRS  # (R,)
@@ -76,7 +76,7 @@ def chunk_matrix_kernel(
     nb = tl.program_id(1)
     feats = k * G + tl.arange(0, G)  # (G,) rows of M_k, global features
     cols = k * G + nb * BN + tl.arange(0, BN)  # (BN,)
-    LAST: tl.constexpr = (ORDER >> (3 * (L - 1))) & 7
+    LAST = (ORDER >> (3 * (L - 1))) & 7
     acc = _factor_tile(blocks_ptr, feats, cols, LAST, B, N_BLOCKS, TRANSPOSE)  # (G, BN)
     for jj in tl.static_range(1, L):
         fi = (ORDER >> (3 * (L - 1 - jj))) & 7
@@ -279,6 +279,7 @@ def _sm_count(device) -> int:
 
 def chunk_matrices(blocks, order, transpose: bool, width: int, dtype):
     """M (d/G, G, G) in `dtype`: each G-chunk's product of the active factors, in order."""
+    blocks = blocks.float().contiguous()  # the kernels index it densely (Cayley's solve returns it strided)
     m, n, b, _ = blocks.shape
     n_chunks = n * b // width
     out = torch.empty((n_chunks, width, width), dtype=dtype, device=blocks.device)
@@ -311,6 +312,7 @@ def rotate(x, blocks, order, transpose: bool):
 
 def rotate_backward(x, grad, blocks, order, transpose: bool, need_blocks_grad: bool):
     """(grad_x, grad_blocks or None) for y = x R (or x R^T): grad_x = grad R^T, grad_blocks fp32 (m, d/b, b, b)."""
+    blocks = blocks.float().contiguous()
     features = x.shape[-1]
     m, n, b, _ = blocks.shape
     width = chunk_width(features, b, order)
