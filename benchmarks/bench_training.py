@@ -1,0 +1,688 @@
+"""Training-step and inference cost of BOFT adapters on a Stable Diffusion 1.5-sized UNet.
+
+One command, one run, one fresh subprocess per mode (so each peak-memory figure is that
+mode's own):
+
+    python benchmarks/bench_training.py                    # CPU defaults: 32x32 latents, 1 thread
+    python benchmarks/bench_training.py --latent 64 --device cuda --out benchmarks/results/gpu.json
+
+Modes (``--modes``, comma separated):
+
+    floor           frozen UNet, only the input latents require grad: backward still runs
+                    through the whole network, so this is the cost no adapter can go under
+    lora            PEFT LoRA on to_q,to_k,to_v,to_out.0, rank whose parameter count is
+                    closest to ours
+    lora_r8         the same at rank 8
+    peft_boft       PEFT BOFT, same (block size, factors), m really in effect (PEFT's CUDA
+                    block-diagonal helper replaced by torch, as in tests/peft_oracle.py)
+    ours            boft_diffusion.add_boft, same targets and (b, m)
+    infer_base      one UNet call, batch 2 (classifier-free guidance), no grad, no adapter
+    infer_unmerged  the same through our processors with the adapter applied per call
+    infer_fused     the same after fuse_boft (adapter merged into the weights)
+    sides           per-projection microbenchmark of input-side vs weight-side rotation
+
+``ours`` and ``infer_unmerged`` accept ``:input`` / ``:weight`` suffixes (or ``--force_side``)
+that force `boft_diffusion.layers.rotate_input_side` to one answer; ``--cost_rule`` adds the
+forced runs and ``sides``. Step time = forward + loss + backward + AdamW step (median of the
+measured steps, after one warmup step). Memory: the child's own kernel counters, not
+sampling: ``peak_rss_gb`` = max(ru_maxrss after setup, VmHWM during the steps) = the
+process's whole-life peak; ``step_peak_gb`` = VmHWM during the steps (reset with
+/proc/self/clear_refs after setup) minus VmRSS at that reset, i.e. what training adds on
+top of the loaded model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# The Stable Diffusion 1.5 UNet (runwayml/stable-diffusion-v1-5, unet/config.json).
+SD15_UNET_CONFIG = dict(
+    act_fn="silu",
+    attention_head_dim=8,
+    block_out_channels=(320, 640, 1280, 1280),
+    center_input_sample=False,
+    cross_attention_dim=768,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    downsample_padding=1,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    in_channels=4,
+    layers_per_block=2,
+    mid_block_scale_factor=1,
+    norm_eps=1e-5,
+    norm_num_groups=32,
+    out_channels=4,
+    sample_size=64,
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+)
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_TOKENS, TEXT_DIM = 77, 768
+TRAIN_MODES = ("floor", "lora", "lora_r8", "peft_boft", "ours")
+INFER_MODES = ("infer_base", "infer_unmerged", "infer_fused")
+DEFAULT_MODES = "floor,lora,lora_r8,peft_boft,ours,infer_base,infer_unmerged,infer_fused"
+COST_RULE_MODES = ("ours:input", "ours:weight", "infer_unmerged:input", "infer_unmerged:weight", "sides")
+
+
+# ----------------------------------------------------------------------------- helpers (child)
+def proc_status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+class PeakMemory:
+    """Whole-process and per-phase peak RSS from the kernel's own high-water marks."""
+
+    def start_phase(self) -> None:
+        self.setup_maxrss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux
+        self.reset_ok = True
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current RSS
+        except OSError:
+            self.reset_ok = False
+        self.phase_start_kb = proc_status_kb("VmRSS")
+
+    def result(self) -> dict:
+        hwm = proc_status_kb("VmHWM")
+        return {
+            "peak_rss_gb": max(hwm, self.setup_maxrss_kb) / 2**20,
+            "setup_rss_gb": self.phase_start_kb / 2**20,
+            "step_peak_gb": (hwm - self.phase_start_kb) / 2**20 if self.reset_ok else None,
+        }
+
+
+class TorchBlockDiag:
+    """Stand-in for PEFT's `fbd_cuda` (copy of the helper in tests/peft_oracle.py): (N, D, b, b)
+    blocks <-> (N, D*b, D*b) block-diagonal matrices, so PEFT keeps boft_n_butterfly_factor."""
+
+    @staticmethod
+    def forward(blocks):
+        import torch
+
+        return [torch.stack([torch.block_diag(*factor) for factor in blocks])]
+
+    @staticmethod
+    def backward(grad, blocks):
+        import torch
+
+        n, d, b, _ = blocks.shape
+        idx = torch.arange(d, device=grad.device)
+        full = grad.view(n, d, b, d, b)
+        return [full[:, idx, :, idx, :].permute(1, 0, 2, 3).contiguous()]
+
+
+def force_peft_butterfly() -> None:
+    import peft.tuners.boft.layer as peft_boft_layer
+
+    peft_boft_layer._FBD_CUDA = TorchBlockDiag
+    peft_boft_layer.get_fbd_cuda = lambda: TorchBlockDiag
+
+
+def force_side(side: str) -> None:
+    """Make every BOFT projection rotate the input (x R) or the weight (R W^T)."""
+    if side == "auto":
+        return
+    import boft_diffusion.layers as layers
+
+    layers.rotate_input_side = lambda *args, **kwargs: side == "input"
+
+
+def build_unet(weights: str | None, device):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    if weights and Path(weights).is_file():
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
+        unet.load_state_dict(torch.load(weights, weights_only=True), assign=True)
+    else:
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
+    unet.requires_grad_(False)
+    return unet.to(device)
+
+
+def boft_config(args):
+    from boft_diffusion import BOFTConfig
+
+    return BOFTConfig(block_size=args.block_size, n_butterfly_factors=args.factors, target_modules=TARGETS)
+
+
+def projection_sizes(unet) -> list[tuple[str, int, int]]:
+    """(path, in, out) of every targeted projection."""
+    from diffusers.models.attention_processor import Attention
+
+    out = []
+    for name, module in unet.named_modules():
+        if isinstance(module, Attention):
+            for target in TARGETS:
+                layer = module.get_submodule(target)
+                out.append((f"{name}.{target}", layer.in_features, layer.out_features))
+    return out
+
+
+def our_parameter_count(unet, args) -> int:
+    from boft_diffusion import add_boft, parameter_count, remove_boft
+
+    add_boft(unet, boft_config(args))
+    total = parameter_count(unet)[0]
+    remove_boft(unet)
+    return total
+
+
+def matched_lora_rank(unet, args) -> tuple[int, int]:
+    """(rank, our parameter count): the LoRA rank whose r * sum(in + out) is closest to ours."""
+    ours = our_parameter_count(unet, args)
+    per_rank = sum(d + o for _, d, o in projection_sizes(unet))
+    rank = min(range(1, 4 * max(1, ours // per_rank) + 2), key=lambda r: abs(r * per_rank - ours))
+    return rank, ours
+
+
+def sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def inputs(batch: int, args, device, seed: int = 0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(batch, 4, args.latent, args.latent, generator=g)
+    timesteps = torch.randint(0, 1000, (batch,), generator=g)
+    text = torch.randn(batch, TEXT_TOKENS, TEXT_DIM, generator=g)
+    target = torch.randn(batch, 4, args.latent, args.latent, generator=g)
+    return [t.to(device) for t in (latents, timesteps, text, target)]
+
+
+def timing(wall: list[float], cpu: list[float]) -> dict:
+    """Wall and process CPU seconds; the first entry is the warmup. On a shared CPU the CPU time of a
+    1-thread process is the robust figure (time slices lost to other processes are not counted)."""
+    return {
+        "warmup_s": wall[0], "times_s": wall[1:], "time_s": statistics.median(wall[1:]),
+        "warmup_cpu_s": cpu[0], "cpu_times_s": cpu[1:], "cpu_s": statistics.median(cpu[1:]),
+    }
+
+
+# ----------------------------------------------------------------------------- modes (child)
+def setup_training(mode: str, unet, args, info: dict):
+    """Install the mode's trainable parameters; returns (model to call, trainable params, latents)."""
+    import torch
+
+    model = unet
+    if mode == "floor":
+        params = []
+    elif mode in ("lora", "lora_r8"):
+        from peft import LoraConfig, get_peft_model
+
+        rank, ours = matched_lora_rank(unet, args) if mode == "lora" else (8, None)
+        info["rank"] = rank
+        if ours is not None:
+            info["ours_params"] = ours
+        model = get_peft_model(unet, LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, lora_dropout=0.0))
+        params = [p for p in model.parameters() if p.requires_grad]
+    elif mode == "peft_boft":
+        from peft import BOFTConfig as PeftBOFTConfig
+        from peft import get_peft_model
+
+        force_peft_butterfly()
+        model = get_peft_model(
+            unet,
+            PeftBOFTConfig(
+                target_modules=TARGETS,
+                boft_block_size=args.block_size,
+                boft_n_butterfly_factor=args.factors,
+                boft_dropout=0.0,
+            ),
+        )
+        leading = {p.shape[0] for n, p in model.named_parameters() if n.endswith("boft_R.default")}
+        assert leading == {args.factors}, f"PEFT dropped butterfly factors: boft_R leading dims {leading}"
+        info["peft_boft_R_leading_dim"] = args.factors
+        params = [p for p in model.parameters() if p.requires_grad]
+        info["effective_params"] = sum(
+            p.shape[0] * p.shape[1] * p.shape[2] * (p.shape[2] - 1) // 2 if n.endswith("boft_R.default") else p.numel()
+            for n, p in model.named_parameters()
+            if p.requires_grad
+        )
+        info["peft_P_buffers_gb"] = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "boft_P" in n) / 2**30
+    elif mode == "ours":
+        from boft_diffusion import add_boft, boft_parameters
+
+        add_boft(unet, boft_config(args))
+        params = boft_parameters(unet)
+    else:
+        raise ValueError(mode)
+    return model, params
+
+
+def run_training(mode: str, side: str, args, device) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    info: dict = {"kind": "train"}
+    force_side(side)
+    unet = build_unet(args.weights, device)
+    model, params = setup_training(mode, unet, args, info)
+    model.train()
+    latents, timesteps, text, target = inputs(args.batch, args, device)
+    if mode == "floor":
+        latents.requires_grad_(True)
+        params = [latents]
+        info["params"] = 0
+    else:
+        info["params"] = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=1e-2)
+
+    def step():
+        pred = model(latents, timesteps, encoder_hidden_states=text).sample
+        loss = F.mse_loss(pred.float(), target.float())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    measured = args.peft_steps if mode == "peft_boft" else args.steps
+    memory = PeakMemory()
+    memory.start_phase()
+    times, cpu = [], []
+    for i in range(1 + measured):
+        sync(device)
+        start, start_cpu = time.perf_counter(), time.process_time()
+        loss = step()
+        sync(device)
+        times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"{mode}: non-finite loss {loss.item()}")
+    info.update(memory.result())
+    info.update(timing(times, cpu))
+    if args.profile and mode == "ours":
+        info["profile"] = profile_step(step, args)
+    return info
+
+
+def profile_step(step, args) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True, profile_memory=True) as prof:
+        step()
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+    shapes = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=40)
+    return table + "\n\n" + shapes
+
+
+def run_inference(mode: str, side: str, args, device) -> dict:
+    import torch
+    from boft_diffusion import add_boft, fuse_boft, parameter_count
+    from boft_diffusion.unet import randomize_boft
+
+    info: dict = {"kind": "infer", "params": 0}
+    force_side(side)
+    unet = build_unet(args.weights, device).eval()
+    latents, timesteps, text, _ = inputs(args.infer_batch, args, device)
+    if mode != "infer_base":
+        add_boft(unet, boft_config(args))
+        randomize_boft(unet, std=0.1, generator=torch.Generator().manual_seed(1))
+        info["params"] = parameter_count(unet)[0]
+
+    def call():
+        with torch.no_grad():
+            return unet(latents, timesteps, encoder_hidden_states=text).sample
+
+    memory = PeakMemory()
+    memory.start_phase()
+    times, cpu = [], []
+    if mode == "infer_fused":  # check the merge against the unmerged output (doubles as a warmup)
+        reference = call()
+        fuse_boft(unet)
+        info["fused_vs_unmerged_max_abs"] = (call() - reference).abs().max().item()
+    for i in range(1 + args.infer_steps):
+        sync(device)
+        start, start_cpu = time.perf_counter(), time.process_time()
+        call()
+        sync(device)
+        times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    info.update(memory.result())
+    info.update(timing(times, cpu))
+    return info
+
+
+def run_sides(args, device) -> dict:
+    """Time one BOFT projection (frozen matmul + rotation, forward [+ backward]) with the input side
+    and the weight side forced, for every distinct projection shape of the UNet at these latents."""
+    import torch
+    import boft_diffusion.layers as layers
+    from boft_diffusion.layers import ButterflyRotation, boft_linear
+
+    unet = build_unet(args.weights, device).eval()
+    calls: dict[tuple, int] = {}
+    hooks = []
+    for path, _, _ in projection_sizes(unet):
+        layer = unet.get_submodule(path)
+        projection = "to_out.0" if path.endswith("to_out.0") else path.rsplit(".", 1)[1]
+        kind = ("self " if ".attn1." in path else "cross ") + projection
+
+        def hook(module, inp, out, kind=kind):
+            x = inp[0]
+            key = (kind, module.in_features, module.out_features, x.numel() // x.shape[-1] // x.shape[0])
+            calls[key] = calls.get(key, 0) + 1
+
+        hooks.append(layer.register_forward_hook(hook))
+    latents, timesteps, text, _ = inputs(1, args, device)
+    with torch.no_grad():
+        unet(latents, timesteps, encoder_hidden_states=text)
+    for h in hooks:
+        h.remove()
+    del unet
+    original_rule = layers.rotate_input_side
+
+    clock = time.perf_counter if device.type == "cuda" else time.process_time  # CPU: immune to time slicing
+
+    def time_call(fn, reps):
+        out = []
+        for _ in range(1 + reps):
+            sync(device)
+            start = clock()
+            fn()
+            sync(device)
+            out.append(clock() - start)
+        return statistics.median(out[1:])
+
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for (kind, d, out_features, tokens_per_sample), count in sorted(calls.items(), key=lambda kv: (-kv[0][3], kv[0][0])):
+        linear = torch.nn.Linear(d, out_features).to(device).requires_grad_(False)
+        rotation = ButterflyRotation(d, out_features, args.block_size, args.factors, init="random").to(device)
+        row = {"kind": kind, "d": d, "out": out_features, "tokens_per_sample": tokens_per_sample, "count": count}
+        for phase, batch, grad in (("train", args.batch, True), ("infer", args.infer_batch, False)):
+            tokens = batch * tokens_per_sample
+            x = torch.randn(batch, tokens_per_sample, d, generator=g).to(device)
+            dy = torch.randn(batch, tokens_per_sample, out_features, generator=g).to(device)
+            row[f"{phase}_auto"] = "input" if original_rule(tokens, [rotation], out_features, grad) else "weight"
+            for side in ("base", "input", "weight"):
+                layers.rotate_input_side = lambda *a, side=side, **k: side == "input"
+                if grad:
+                    xg = x.clone().requires_grad_(True)
+
+                    def fn():
+                        y = linear(xg) if side == "base" else boft_linear(xg, linear, [rotation])
+                        y.backward(dy)
+                else:
+
+                    def fn():
+                        with torch.no_grad():
+                            linear(x) if side == "base" else boft_linear(x, linear, [rotation])
+
+                row[f"{phase}_{side}_ms"] = 1e3 * time_call(fn, args.side_reps)
+            layers.rotate_input_side = original_rule
+            row[f"{phase}_winner"] = "input" if row[f"{phase}_input_ms"] <= row[f"{phase}_weight_ms"] else "weight"
+        rows.append(row)
+    totals = {}
+    for phase in ("train", "infer"):
+        for side in ("base", "input", "weight", "auto", "best"):
+            def pick(r):
+                s = {"auto": r[f"{phase}_auto"], "best": r[f"{phase}_winner"]}.get(side, side)
+                return r[f"{phase}_{s}_ms"]
+
+            totals[f"{phase}_{side}_ms"] = sum(pick(r) * r["count"] for r in rows)
+    return {"kind": "sides", "rows": rows, "totals": totals}
+
+
+def child_main(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.set_num_interop_threads(1)
+    device = torch.device(args.device)
+    mode, _, side = args.child.partition(":")
+    side = side or args.force_side
+    start = time.perf_counter()
+    if mode == "_weights":
+        unet = build_unet(None, device)
+        torch.save(unet.state_dict(), args.weights)
+        result = {"kind": "prepare"}
+    elif mode in TRAIN_MODES:
+        result = run_training(mode, side, args, device)
+    elif mode in INFER_MODES:
+        result = run_inference(mode, side, args, device)
+    elif mode == "sides":
+        result = run_sides(args, device)
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+    result.update(mode=args.child, side=side if mode in ("ours", "infer_unmerged", "infer_fused") else None,
+                  wall_s=time.perf_counter() - start)
+    if device.type == "cuda":
+        result["cuda_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    Path(args.result).write_text(json.dumps(result, indent=1))
+
+
+# ----------------------------------------------------------------------------- parent
+def machine_info(args) -> dict:
+    import diffusers
+    import peft
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    info = {
+        "cpu_model": cpu,
+        "logical_cpus": os.cpu_count(),
+        "simd": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags],
+        "ram_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "peft": peft.__version__,
+        "loadavg_start": os.getloadavg(),
+    }
+    if args.device == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def fmt(x, spec=".3f"):
+    return "-" if x is None else format(x, spec)
+
+
+def ratio(a, b):
+    return None if a is None or b in (None, 0) else a / b
+
+
+def markdown(results: dict, args) -> str:
+    by = {r["mode"]: r for r in results.values()}
+    floor, lora, lora8 = by.get("floor"), by.get("lora"), by.get("lora_r8")
+    key = "time_s" if args.device == "cuda" else "cpu_s"
+    t = lambda r: r[key] if r else None  # noqa: E731
+    clock = "wall" if key == "time_s" else "process CPU"
+    lines = [
+        f"Training step (forward + backward + AdamW), batch {args.batch}, {args.latent}x{args.latent} latents, "
+        f"b={args.block_size}, m={args.factors}, {args.threads} thread(s), median of {args.steps} step(s) "
+        f"({args.peft_steps} for peft_boft) after 1 warmup; ratios use {clock} time:",
+        "",
+        "| mode | params | step wall (s) | step CPU (s) | / floor | / LoRA matched | / LoRA r8 "
+        "| peak RSS (GB) | / LoRA | step peak over setup (GB) | / LoRA |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in by.items():
+        if r.get("kind") != "train":
+            continue
+        label = name
+        if name.startswith("lora") and "rank" in r:
+            label = f"{name} (r={r['rank']})"
+        if name == "peft_boft":
+            label = f"peft_boft (m={r.get('peft_boft_R_leading_dim')})"
+        params = f"{r['params']:,}"
+        if "effective_params" in r:
+            params += f" ({r['effective_params']:,} effective)"
+        lines.append(
+            f"| {label} | {params} | {fmt(r['time_s'])} | {fmt(r['cpu_s'])} | {fmt(ratio(t(r), t(floor)), '.2f')} "
+            f"| {fmt(ratio(t(r), t(lora)), '.2f')} | {fmt(ratio(t(r), t(lora8)), '.2f')} "
+            f"| {fmt(r['peak_rss_gb'], '.2f')} | {fmt(ratio(r['peak_rss_gb'], lora and lora['peak_rss_gb']), '.2f')} "
+            f"| {fmt(r['step_peak_gb'], '.2f')} | {fmt(ratio(r['step_peak_gb'], lora and lora['step_peak_gb']), '.2f')} |"
+        )
+    base = by.get("infer_base")
+    infer = [(n, r) for n, r in by.items() if r.get("kind") == "infer"]
+    if infer:
+        lines += [
+            "",
+            f"Inference, one UNet call (one denoising step) at batch {args.infer_batch} (classifier-free guidance), "
+            f"no grad, median of {args.infer_steps} call(s) after 1 warmup:",
+            "",
+            f"| mode | wall s / call | CPU s / call | / base ({clock}) | peak RSS (GB) |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for name, r in infer:
+            note = ""
+            if "fused_vs_unmerged_max_abs" in r:
+                note = f" (max abs diff to unmerged {r['fused_vs_unmerged_max_abs']:.1e})"
+            lines.append(
+                f"| {name}{note} | {fmt(r['time_s'])} | {fmt(r['cpu_s'])} | {fmt(ratio(t(r), t(base)), '.3f')} "
+                f"| {fmt(r['peak_rss_gb'], '.2f')} |"
+            )
+    sides = by.get("sides")
+    if sides:
+        lines += [
+            "",
+            f"Cost rule, per projection kind (one call, {clock} ms = frozen matmul + rotation; train = forward + "
+            f"backward at batch {args.batch}, infer = forward at batch {args.infer_batch}; count = calls per UNet step):",
+            "",
+            "| projection | d -> out | tokens/sample | count | train base / input / weight (ms) | auto | winner "
+            "| infer base / input / weight (ms) | auto | winner |",
+            "|---|---|---:|---:|---|---|---|---|---|---|",
+        ]
+        for r in sides["rows"]:
+            tr = " / ".join(f"{r[f'train_{s}_ms']:.2f}" for s in ("base", "input", "weight"))
+            inf = " / ".join(f"{r[f'infer_{s}_ms']:.2f}" for s in ("base", "input", "weight"))
+            flag = lambda p: "" if r[f"{p}_auto"] == r[f"{p}_winner"] else " (!)"  # noqa: E731
+            lines.append(
+                f"| {r['kind']} | {r['d']} -> {r['out']} | {r['tokens_per_sample']} | {r['count']} | {tr} | "
+                f"{r['train_auto']} | {r['train_winner']}{flag('train')} | {inf} | {r['infer_auto']} | {r['infer_winner']}{flag('infer')} |"
+            )
+        tot = sides["totals"]
+        lines += [
+            "",
+            "Summed over one UNet step (ms): "
+            + "; ".join(
+                f"{p}: base {tot[f'{p}_base_ms']:.0f}, input {tot[f'{p}_input_ms']:.0f}, weight {tot[f'{p}_weight_ms']:.0f}, "
+                f"auto {tot[f'{p}_auto_ms']:.0f}, best {tot[f'{p}_best_ms']:.0f}"
+                for p in ("train", "infer")
+            ),
+        ]
+    return "\n".join(lines)
+
+
+def parent_main(args) -> None:
+    modes = [m for m in args.modes.split(",") if m]
+    if args.cost_rule:
+        modes += [m for m in COST_RULE_MODES if m not in modes]
+    for m in modes:
+        base = m.split(":")[0]
+        if base not in TRAIN_MODES + INFER_MODES + ("sides",):
+            raise SystemExit(f"unknown mode {m!r}; choose from {TRAIN_MODES + INFER_MODES + ('sides',)}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = {"machine": machine_info(args), "settings": vars(args) | {"modes": modes}, "results": {}}
+    forwarded = [
+        f"--{k}={v}" for k, v in vars(args).items()
+        if k not in ("modes", "out", "child", "result", "cost_rule", "profile", "weights", "keep_weights") and v is not None
+    ]
+    tmp = Path(tempfile.mkdtemp(prefix="boft_bench_"))
+    weights = args.weights or str(tmp / "sd15_unet_random.pt")
+    start = time.perf_counter()
+    try:
+        if not Path(weights).is_file():  # random init once, loaded by every mode (same weights, faster start)
+            print(f"[bench] building the SD1.5 UNet (random init, seed 0) -> {weights}", flush=True)
+            subprocess.run([sys.executable, __file__, "--child=_weights", f"--result={tmp / 'w.json'}",
+                            f"--weights={weights}", *forwarded], check=True)
+        for mode in modes:
+            result_file = tmp / f"{mode.replace(':', '_')}.json"
+            cmd = [sys.executable, __file__, f"--child={mode}", f"--result={result_file}", f"--weights={weights}", *forwarded]
+            if args.profile:
+                cmd.append("--profile")
+            print(f"[bench] {mode} ...", flush=True)
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd)
+            if proc.returncode != 0 or not result_file.is_file():
+                report["results"][mode] = {"mode": mode, "kind": "failed", "returncode": proc.returncode}
+                print(f"[bench] {mode} FAILED (exit {proc.returncode})", flush=True)
+                continue
+            result = json.loads(result_file.read_text())
+            report["results"][mode] = result
+            if "profile" in result:
+                prof_path = out.with_suffix(f".{mode.replace(':', '_')}.profile.txt")
+                prof_path.write_text(result.pop("profile"))
+                result["profile_file"] = str(prof_path)
+            print(f"[bench] {mode}: " + ", ".join(
+                f"{k}={v:.3f}" for k, v in result.items() if isinstance(v, float) and k != "wall_s"
+            ) + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
+    finally:
+        for f in tmp.glob("*"):
+            if not (args.keep_weights and str(f) == weights):
+                f.unlink()
+        if args.keep_weights and not args.weights:
+            print(f"[bench] kept {weights}; pass --weights={weights} to reuse it", flush=True)
+        else:
+            tmp.rmdir()
+    report["machine"]["loadavg_end"] = os.getloadavg()
+    report["total_wall_s"] = time.perf_counter() - start
+    table = markdown(report["results"], args)
+    report["markdown"] = table
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print()
+    print(table)
+    print(f"\n[bench] wrote {out} ({report['total_wall_s']:.0f} s)")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--latent", type=int, default=32, help="latent height = width (32 on CPU, 64 = 512 px on GPU)")
+    p.add_argument("--batch", type=int, default=1, help="training batch size")
+    p.add_argument("--infer_batch", type=int, default=2, help="inference batch (2 = one prompt with CFG)")
+    p.add_argument("--steps", type=int, default=3, help="measured training steps per mode (after 1 warmup); median")
+    p.add_argument("--peft_steps", type=int, default=1, help="measured steps for peft_boft (slow: ~1 min/step on CPU)")
+    p.add_argument("--infer_steps", type=int, default=3, help="measured UNet calls per inference mode (after 1 warmup)")
+    p.add_argument("--side_reps", type=int, default=5, help="repetitions per shape in the 'sides' microbenchmark")
+    p.add_argument("--modes", default=DEFAULT_MODES, help="comma separated; ours/infer_unmerged accept :input / :weight")
+    p.add_argument("--cost_rule", action="store_true", help=f"also run {', '.join(COST_RULE_MODES)}")
+    p.add_argument("--force_side", choices=("auto", "input", "weight"), default="auto",
+                   help="force rotate_input_side for ours / infer_unmerged (default: the library's rule)")
+    p.add_argument("--block_size", type=int, default=8)
+    p.add_argument("--factors", type=int, default=4, help="butterfly factors m")
+    p.add_argument("--threads", type=int, default=1, help="torch threads in every mode (same for all, so contention is shared)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu.json"))
+    p.add_argument("--weights", default=None, help="cached random-init state dict (made once per run when absent)")
+    p.add_argument("--keep_weights", action="store_true", help="keep the temporary weights file")
+    p.add_argument("--profile", action="store_true", help="torch.profiler table of one extra step of 'ours'")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        child_main(args)
+    else:
+        parent_main(args)
+
+
+if __name__ == "__main__":
+    main()
