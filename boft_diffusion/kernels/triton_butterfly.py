@@ -1,4 +1,5 @@
-"""Triton kernels for x R (or x R^T) with R = B_{m-1} ... B_0 a butterfly rotation, one launch per pass.
+"""Triton kernels for x R (or x R^T), R = B_{m-1} ... B_0 a butterfly rotation: one streaming pass over
+the rows per direction (forward: x -> y; backward: x, grad -> grad_x and the block gradients).
 
 Why this shape of kernel: every factor of one rotation acts inside chunks of C = b * 2^(top)
 consecutive features (top = widest active factor), so a (rows x G) tile, G a multiple of C,
@@ -20,6 +21,9 @@ gradients come from G x G products per chunk, whose block entries are dL/dQ.
 
 Feature f of a factor i (c = b * 2^i, h = b / 2) sits in block j = (f // c) * 2^i + (f % c // h) % 2^i
 at in-block index (f % c) // (c / 2) * h + f % h: the (q, p, r) view of `butterfly.py`.
+
+Launches: forward = chunk_matrix_kernel + rotate_kernel; backward = chunk_matrix_kernel +
+rotate_backward_kernel + blocks_grad_kernel (the first and last touch only d x G numbers).
 """
 
 import torch
