@@ -111,6 +111,33 @@ def rotate_rows(
     return x
 
 
+def chunk_size(block_size: int, order: Sequence[int]) -> int:
+    """Every factor i mixes features only within chunks of b * 2^i, so R (of the factors in
+    `order`) is block diagonal with chunks of c = b * 2^(max i)."""
+    return block_size * 2 ** max(order)
+
+
+def chunk_matrices(blocks: torch.Tensor, order: Sequence[int], transpose: bool = False) -> torch.Tensor:
+    """R's (or R^T's) diagonal c x c blocks, (d/c, c, c), from the factors in `order`.
+
+    Rows of a tiled identity E (c, d) pass through the factors: (E R)[r, j*c:(j+1)*c] is row r
+    of R's j-th diagonal block. Costs len(order) * b * d * c; differentiable.
+    """
+    n, b = blocks.shape[1], blocks.shape[-1]
+    d, c = n * b, chunk_size(b, order)
+    rows = torch.eye(c, dtype=blocks.dtype, device=blocks.device).repeat(1, d // c)  # (c, d)
+    for i in order:
+        rows = apply_factor(rows, blocks[i], i, transpose)
+    return rows.view(c, d // c, c).transpose(0, 1)  # (d/c, c, c)
+
+
+def rotate_by_chunks(x: torch.Tensor, chunks: torch.Tensor) -> torch.Tensor:
+    """x times block-diagonal chunks (d/c, c, c): one batched c x c matmul, d * c per row."""
+    n, c, _ = chunks.shape
+    xv = x.reshape(-1, n, c).transpose(0, 1)  # (d/c, rows, c)
+    return torch.bmm(xv, chunks.to(x.dtype)).transpose(0, 1).reshape(x.shape)
+
+
 def valid_block_sizes(features: int, n_factors: int) -> list[int]:
     """Block sizes b that fit `features` with `n_factors` butterfly factors."""
     return [

@@ -17,9 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .butterfly import cayley, factor_order, num_skew_params
+from .butterfly import cayley, chunk_matrices, chunk_size, factor_order, num_skew_params, rotate_by_chunks
 
 logger = logging.getLogger(__name__)
+
+# Measured on CPU (benchmarks/README.md): a b x b block matmul per factor runs ~4x below its
+# flop count (the reorder copies around tiny matmuls), one c x c chunk matmul near it.
+FACTORED_OVERHEAD = 4
 
 
 class ButterflyRotate(torch.autograd.Function):
@@ -73,6 +77,7 @@ class ButterflyRotation(nn.Module):
         self.boft_s = nn.Parameter(scale, requires_grad=train_scale)
         self.active: list[bool] = [True] * n_factors
         self._cache: tuple | None = None
+        self._chunk_cache: tuple | None = None
 
     @property
     def block_num(self) -> int:
@@ -86,7 +91,7 @@ class ButterflyRotation(nn.Module):
         if len(mask) != self.n_factors:
             raise ValueError(f"Factor mask has {len(mask)} entries, the adapter has {self.n_factors} factors.")
         self.active = [bool(a) for a in mask]
-        self._cache = None
+        self._cache = self._chunk_cache = None
 
     def blocks(self) -> torch.Tensor:
         """Cayley blocks (m, d/b, b, b) in fp32, computed once per forward; cached when no grad flows."""
@@ -106,11 +111,45 @@ class ButterflyRotation(nn.Module):
         return tuple(factor_order(self.n_factors, self.active, transpose))
 
     def rotate(self, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-        """x R (transpose=False) or x R^T, for rows x (..., d)."""
+        """x R (transpose=False) or x R^T, for rows x (..., d), on the cheaper implementation."""
         order = self.order(transpose)
         if not order:
             return x
+        if self.use_chunks(x.numel() // x.shape[-1], x.device):
+            return rotate_by_chunks(x, self.chunks(order, transpose))
         return ButterflyRotate.apply(x, self.blocks(), order, transpose)
+
+    def chunks(self, order: tuple[int, ...], transpose: bool) -> torch.Tensor:
+        """R's diagonal chunks (d/c, c, c), built from the blocks; cached when no grad flows."""
+        if torch.is_grad_enabled() or (self.training and self.dropout > 0):
+            return chunk_matrices(self.blocks(), order, transpose)
+        key = ("chunks", self.boft_skew._version, id(self.boft_skew), self.boft_skew.device, order, transpose)
+        if self._chunk_cache is None or self._chunk_cache[0] != key:
+            self._chunk_cache = (key, chunk_matrices(self.blocks(), order, transpose))
+        return self._chunk_cache[1]
+
+    def cost(self, rows: int, device: torch.device) -> float:
+        """Work to rotate `rows` rows with the implementation `rotate` picks (for the side rule)."""
+        order = self.order(False)
+        if not order:
+            return 0.0
+        d, b, m = self.in_features, self.block_size, len(order)
+        factored = m * b * d * rows * (1 if kernels.fused_kernel_runs(device) else FACTORED_OVERHEAD)
+        return min(factored, self._chunk_cost(rows))
+
+    def use_chunks(self, rows: int, device: torch.device) -> bool:
+        """One c x c matmul per chunk beats m block matmuls where the fused kernel does not run
+        and c stays small (c = b * 2^(m-1), so chunks lose as m grows)."""
+        if kernels.fused_kernel_runs(device):
+            return False
+        order = self.order(False)
+        return self._chunk_cost(rows) < len(order) * self.block_size * self.in_features * rows * FACTORED_OVERHEAD
+
+    def _chunk_cost(self, rows: int) -> float:
+        order = self.order(False)
+        d, b, c = self.in_features, self.block_size, chunk_size(self.block_size, order)
+        build = 0 if not torch.is_grad_enabled() else len(order) * b * d * c  # cached without grad
+        return d * c * rows + build
 
     def extra_repr(self) -> str:
         return (
@@ -119,15 +158,19 @@ class ButterflyRotation(nn.Module):
         )
 
 
-def rotate_input_side(tokens: int, rotations: Sequence[ButterflyRotation], out_features: int, grad: bool) -> bool:
-    """True when x R is cheaper than R W^T for this call (flop count of the rotation paths).
+def rotate_input_side(
+    tokens: int, rotations: Sequence[ButterflyRotation], out_features: int, grad: bool, device: torch.device
+) -> bool:
+    """True when x R is cheaper than R W^T for this call.
 
-    Both sides pay m*d*b per rotated row (input rows: tokens; weight rows: out). Training the
+    Rotating costs per row what each rotation's implementation costs (`ButterflyRotation.cost`);
+    the input side rotates `tokens` rows, the weight side `out_features` rows. Training the
     weight side also pays dL/dW' = x^T dy, tokens*d*out, which the input side never needs.
     """
-    per_row = sum(len(r.order(False)) * r.in_features * r.block_size for r in rotations)
-    input_cost = per_row * tokens
-    weight_cost = per_row * out_features + (tokens * rotations[0].in_features * out_features if grad else 0)
+    input_cost = sum(r.cost(tokens, device) for r in rotations)
+    weight_cost = sum(r.cost(out_features, device) for r in rotations)
+    if grad:
+        weight_cost += tokens * rotations[0].in_features * out_features
     return input_cost <= weight_cost
 
 
@@ -151,7 +194,7 @@ def boft_linear(x: torch.Tensor, linear: nn.Linear, rotations: Sequence[Butterfl
         return linear(x)
     grad = torch.is_grad_enabled() and any(p.requires_grad for r in rotations for p in r.parameters())
     tokens = x.numel() // x.shape[-1]
-    if rotate_input_side(tokens, rotations, linear.out_features, grad):
+    if rotate_input_side(tokens, rotations, linear.out_features, grad, x.device):
         for rotation in rotations:
             x = rotation.rotate(x)
         y = F.linear(x, linear.weight)

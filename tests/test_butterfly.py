@@ -133,3 +133,33 @@ def test_resolve_blocks_accepts_valid_and_names_fixes():
         resolve_blocks(320, 1, block_size=8, block_num=40)
     with pytest.raises(ValueError, match=r"b even when m > 1"):
         resolve_blocks(30, 2, block_size=3, layer="x")
+
+
+@pytest.mark.parametrize("d,b,m", [(64, 8, 4), (48, 4, 3), (24, 3, 1)])
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("active", [None, (True, False, True)])
+def test_chunk_matrices_equal_the_factored_rotation(d, b, m, transpose, active):
+    from boft_diffusion.butterfly import chunk_matrices, factor_order, rotate_by_chunks
+
+    if active is not None and len(active) != m:
+        active = None
+    order = factor_order(m, active, transpose)
+    packed, _ = random_blocks(d, b, m)
+    x = torch.randn(5, 3, d)
+    weights = torch.randn(5, 3, d)
+    p1, p2 = packed.clone().requires_grad_(True), packed.clone().requires_grad_(True)
+    fast = rotate_by_chunks(x, chunk_matrices(cayley(p1, b), order, transpose))
+    ref = rotate_rows(x, cayley(p2, b), active, transpose)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=0)
+    (fast * weights).sum().backward()
+    (ref * weights).sum().backward()
+    torch.testing.assert_close(p1.grad, p2.grad, atol=1e-5, rtol=0)
+
+
+def test_layer_picks_chunks_on_cpu_and_factors_when_chunks_grow():
+    from boft_diffusion.layers import ButterflyRotation
+
+    small = ButterflyRotation(320, 320, 8, 4)  # c = 64
+    assert small.use_chunks(1024, torch.device("cpu"))
+    dense = ButterflyRotation(256, 256, 2, 8)  # c = 256 = d: a dense matmul would lose
+    assert not dense.use_chunks(1024, torch.device("cpu"))

@@ -179,6 +179,15 @@ def kernel_path(device, dtype: torch.dtype) -> str:
     return "triton (" + (f"{ENV_VAR}=triton, " if mode == "triton" else "") + where + ")"
 
 
+def fused_kernel_runs(device) -> bool:
+    """Whether rotations on `device` take the fused Triton kernel (shape permitting): callers
+    that can also rotate another way (`layers.ButterflyRotation`) choose by this."""
+    mode = _mode()
+    if mode != "auto":
+        return mode == "triton"
+    return torch.device(device).type == "cuda" and _triton_missing() is None
+
+
 # ------------------------------------------------------------------------------ entry points
 
 
@@ -222,6 +231,7 @@ __all__ = [
     "rotate",
     "rotate_backward",
     "kernel_path",
+    "fused_kernel_runs",
     "rotate_pytorch",
     "rotate_backward_pytorch",
     "ENV_VAR",
