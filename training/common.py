@@ -60,6 +60,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
       help="Attention through xformers (needs CUDA and the xformers package); BOFT stays active.")
     a("--gradient_checkpointing", action="store_true", help="Recompute UNet activations in backward to save memory.")
     a("--dataloader_num_workers", type=int, default=0)
+    a("--timestep_sampling", choices=["uniform", "cubic"], default="uniform",
+      help="Training timesteps: uniform (DDPM) or cubic, favouring noisy steps (T2I-Adapter; learns layout control faster).")
 
 
 def add_boft_args(parser: argparse.ArgumentParser, defaults: dict | None = None) -> None:
@@ -140,15 +142,20 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
     ).input_ids
 
 
-def make_optimizer(args, adapter_params: list, other_params: list = ()) -> torch.optim.Optimizer:
-    """AdamW over the adapter (and e.g. a control head); no weight decay on the output scales s
-    (1-d parameters: decay would pull s towards 0)."""
+def make_optimizer(args, adapter_params: list, other_params: list = (), other_lr: float | None = None) -> torch.optim.Optimizer:
+    """AdamW over the adapter and e.g. a control head (at `other_lr`, default the same); no weight
+    decay on the output scales s (1-d parameters: decay would pull s towards 0)."""
+    other_params = list(other_params)
     scales = [p for p in adapter_params if p.ndim == 1]
-    others = [p for p in adapter_params if p.ndim != 1] + list(other_params)
-    return torch.optim.AdamW(
-        [{"params": others, "weight_decay": args.adam_weight_decay}, {"params": scales, "weight_decay": 0.0}],
-        lr=args.learning_rate,
-    )
+    skews = [p for p in adapter_params if p.ndim != 1]
+    groups = [
+        {"params": skews, "weight_decay": args.adam_weight_decay},
+        {"params": scales, "weight_decay": 0.0},
+    ]
+    if other_params:
+        groups.append({"params": list(other_params), "weight_decay": args.adam_weight_decay,
+                       "lr": other_lr or args.learning_rate})
+    return torch.optim.AdamW(groups, lr=args.learning_rate)
 
 
 # ----------------------------------------------------------------------------- data order
@@ -184,13 +191,23 @@ def sample_seed(seed: int, step: int, index: int) -> int:
     return ((seed * 1_000_003 + step) * 1_000_003 + index) % (2**63 - 1)
 
 
-def per_sample_noise(shape, seed: int, step: int, indices: list[int], num_timesteps: int, p_empty: float = 0.0):
-    """(noise (B, *shape), timesteps (B,), drop_prompt (B,) bool), drawn on CPU for any device."""
+def per_sample_noise(
+    shape, seed: int, step: int, indices: list[int], num_timesteps: int, p_empty: float = 0.0, sampling: str = "uniform"
+):
+    """(noise (B, *shape), timesteps (B,), drop_prompt (B,) bool), drawn on CPU for any device.
+
+    sampling="cubic" draws t = (1 - u^3) T, favouring the noisy steps where the layout is
+    decided (T2I-Adapter's schedule for structure control); "uniform" is DDPM's.
+    """
     noise, timesteps, drop = [], [], []
     for index in indices:
         g = torch.Generator().manual_seed(sample_seed(seed, step, index))
         noise.append(torch.randn(shape, generator=g))
-        timesteps.append(torch.randint(0, num_timesteps, (1,), generator=g))
+        if sampling == "cubic":
+            u = torch.rand(1, generator=g)
+            timesteps.append(((1 - u**3) * num_timesteps).long().clamp(0, num_timesteps - 1))
+        else:
+            timesteps.append(torch.randint(0, num_timesteps, (1,), generator=g))
         drop.append(torch.rand(1, generator=g) < p_empty)
     return torch.stack(noise), torch.cat(timesteps), torch.cat(drop)
 

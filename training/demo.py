@@ -35,6 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--max_train_steps", type=int, default=600)
     p.add_argument("--learning_rate", type=float, default=3e-3)
     p.add_argument("--train_batch_size", type=int, default=16)
+    p.add_argument("--control_head_lr", type=float, default=None)
+    p.add_argument("--timestep_sampling", choices=["uniform", "cubic"], default="cubic")
     p.add_argument("--boft_block_size", type=int, default=8)
     p.add_argument("--boft_n_butterfly_factors", type=int, default=3)
     p.add_argument("--num_eval", type=int, default=32, help="Held-out control images scored per k.")
@@ -62,8 +64,10 @@ def main(argv=None) -> dict:
             "--max_train_steps", str(args.max_train_steps), "--learning_rate", str(args.learning_rate),
             "--train_batch_size", str(args.train_batch_size), "--boft_block_size", str(args.boft_block_size),
             "--boft_n_butterfly_factors", str(args.boft_n_butterfly_factors),
+            "--timestep_sampling", args.timestep_sampling,
+            *(["--control_head_lr", str(args.control_head_lr)] if args.control_head_lr else []),
             "--checkpointing_steps", str(max(args.max_train_steps // 2, 1)), "--checkpoints_total_limit", "1",
-            "--validation_steps", str(max(args.max_train_steps // 3, 1)), "--report_to", "tensorboard",
+            "--validation_steps", str(max(args.max_train_steps // 2, 1)), "--report_to", "tensorboard",
         ])
     trained_s = time.time() - started
 

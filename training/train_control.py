@@ -44,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--validation_image", nargs="+", default=None,
                         help="Control images for validation (default: held-out synthetic controls).")
     parser.add_argument("--num_validation_images", type=int, default=4, help="Synthetic validation controls.")
+    parser.add_argument("--control_head_lr", type=float, default=None,
+                        help="Learning rate of the control head (default: --learning_rate).")
     parser.add_argument("--control_head_channels", type=int, nargs="+", default=None,
                         help="Widths of the control head's conv stages (default: SD's 16 32 96 256, narrowed for small UNets).")
     args = parser.parse_args(argv)
@@ -98,14 +100,8 @@ def main(argv=None) -> dict:
         dataset, batch_sampler=batches, collate_fn=collate, num_workers=args.dataloader_num_workers
     )
 
-    # Optimizer: AdamW; no weight decay on the output scale s (it would pull s towards 0).
     adapter_params = boft_parameters(unet)
-    scales = [p for p in adapter_params if p.ndim == 1]
-    others = [p for p in adapter_params if p.ndim != 1] + list(control_head.parameters())
-    optimizer = torch.optim.AdamW(
-        [{"params": others, "weight_decay": args.adam_weight_decay}, {"params": scales, "weight_decay": 0.0}],
-        lr=args.learning_rate,
-    )
+    optimizer = common.make_optimizer(args, adapter_params, control_head.parameters(), args.control_head_lr)
     lr_scheduler = get_scheduler(
         args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=args.max_train_steps
     )
@@ -192,7 +188,7 @@ def training_loss(batch, indices, step_key, args, vae, text_encoder, tokenizer, 
     latent_shape = posterior.mean.shape[1:]
     noise, timesteps, drop = common.per_sample_noise(
         (2, *latent_shape), args.seed, step_key, indices, noise_scheduler.config.num_train_timesteps,
-        args.proportion_empty_prompts,
+        args.proportion_empty_prompts, args.timestep_sampling,
     )
     vae_noise, noise = noise[:, 0].to(device, weight_dtype), noise[:, 1].to(device, weight_dtype)
     latents = (posterior.mean + posterior.std * vae_noise) * scaling
