@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from boft_diffusion.data.shapes import caption, render, sample_scene
 from boft_diffusion.tiny import components as C
-from boft_diffusion.tiny.tokenizer import save_tokenizer
+from boft_diffusion.tiny.tokenizer import save_tokenizer, write_vocab_files
 
 
 def parse_args(argv=None):
@@ -155,6 +155,7 @@ def main(argv=None):
             raise SystemExit(f"no UNet phase in {ckpt_path} yet: nothing to export")
         vae.register_to_config(scaling_factor=state["scaling_factor"])
         build_pipeline(vae, ema_unet, ema_text, tokenizer).save_pretrained(args.output_dir)
+        write_vocab_files(os.path.join(args.output_dir, "tokenizer"))
         log(args.work_dir, f"exported step {state['unet_step']} to {args.output_dir}")
         return
 
@@ -245,6 +246,7 @@ def main(argv=None):
     vae.register_to_config(scaling_factor=sf)
     pipe = build_pipeline(vae, ema_unet, ema_text, tokenizer)
     pipe.save_pretrained(args.output_dir, safe_serialization=True)
+    write_vocab_files(os.path.join(args.output_dir, "tokenizer"))
     save_samples(pipe, os.path.join(args.work_dir, "samples_final.png"), 0)
     log(args.work_dir, f"saved pipeline to {args.output_dir} after {state['seconds'] / 60:.1f} min")
 

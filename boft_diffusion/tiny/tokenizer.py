@@ -78,17 +78,22 @@ def build_vocab(words: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]
     return {t: i for i, t in enumerate(ordered)}, merges
 
 
-def save_tokenizer(folder: str, words: list[str] | None = None):
-    """Write vocab.json + merges.txt and return `CLIPTokenizer.from_pretrained(folder)` saved back."""
-    from transformers import CLIPTokenizer
-
-    words = words or vocabulary_words()
-    vocab, merges = build_vocab(words)
+def write_vocab_files(folder: str, words: list[str] | None = None) -> None:
+    """vocab.json + merges.txt: what a slow CLIPTokenizer (transformers 4) loads from; a
+    transformers 5 `save_pretrained` writes only tokenizer.json, so savers call this too."""
+    vocab, merges = build_vocab(words or vocabulary_words())
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "vocab.json"), "w") as f:
         json.dump(vocab, f, indent=0)
     with open(os.path.join(folder, "merges.txt"), "w") as f:
         f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+
+
+def save_tokenizer(folder: str, words: list[str] | None = None):
+    """Write vocab.json + merges.txt and return `CLIPTokenizer.from_pretrained(folder)` saved back."""
+    from transformers import CLIPTokenizer
+
+    write_vocab_files(folder, words)
     tok = CLIPTokenizer(
         os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
         bos_token=BOS, eos_token=EOS, pad_token=EOS, unk_token=EOS, model_max_length=MAX_LENGTH,
