@@ -106,3 +106,18 @@ def test_shipped_model_draws_the_prompted_colour_and_shape():
     assert acc["color"] >= 0.75 and acc["shape"] >= 0.5, acc
     blank = np.asarray(images[0]).std()
     assert blank > 10  # not a flat image
+
+
+@needs_model
+def test_evaluate_scores_every_prompt_and_writes_the_grid(tmp_path):
+    from boft_diffusion.tiny import load_pipeline
+    from boft_diffusion.tiny.evaluate import PROMPTS, evaluate, grid
+
+    pipe = load_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    res = evaluate(pipe, n_per_prompt=1, steps=2)
+    assert res["n"] == len(PROMPTS) == 12 and set(res["per_prompt"]) == set(PROMPTS)
+    assert 0.0 <= res["both"] <= min(res["color"], res["shape"]) <= 1.0
+    img = grid(pipe, str(tmp_path / "g.png"), n_seeds=1, steps=2, scale=2)
+    assert img.size == (len(SHAPES) * 32 * 2, len(COLORS) * 32 * 2)
+    assert (tmp_path / "g.png").exists()
