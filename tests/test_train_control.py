@@ -126,3 +126,24 @@ def test_help_lists_the_diffusers_argument_names():
     for flag in ["--pretrained_model_name_or_path", "--conditioning_image_column", "--resume_from_checkpoint",
                  "--boft_n_butterfly_factors", "--proportion_empty_prompts", "--gradient_checkpointing"]:
         assert flag in out
+
+
+def test_point_lists_and_class_maps_become_control_images():
+    import argparse
+
+    import numpy as np
+    from PIL import Image
+
+    from boft_diffusion.data import SEG_PALETTE
+    from training.control_data import control_image_of
+
+    args = argparse.Namespace(conditioning_image_column="conditioning_image", landmarks_column="landmarks", task="landmarks")
+    dots = np.asarray(control_image_of({"landmarks": [[8.0, 8.0], [20.0, 24.0]]}, args, 32, "row 0"))
+    assert dots.shape == (32, 32, 3) and dots[8, 8].min() > 100 and dots[24, 20].min() > 100 and dots[0, 0].max() == 0
+
+    args.task = "segmentation"
+    classes = np.zeros((64, 64), np.uint8)
+    classes[:, 32:] = 2
+    rendered = np.asarray(control_image_of({"conditioning_image": Image.fromarray(classes, "L")}, args, 32, "row 0"))
+    assert rendered.shape == (32, 32, 3)
+    assert (rendered[:, :14] == SEG_PALETTE[0]).all() and (rendered[:, 18:] == SEG_PALETTE[2]).all()
