@@ -63,7 +63,8 @@ def test_prior_batches_outputs_and_resume(tiny_sd_dir, tmp_path, monkeypatch):
     assert len(instances) == 4 and len(classes) == 3
     assert len(seen) == 4
     for batch in seen:
-        assert set(batch) == {"instance_pixel_values", "class_pixel_values"}
+        assert set(batch) == {"instance_pixel_values", "class_pixel_values", "class_prompt_index"}
+        assert batch["class_prompt_index"].tolist() == [0, 0]  # one class prompt
         assert batch["instance_pixel_values"].shape == batch["class_pixel_values"].shape == (2, 3, 32, 32)
         for image in batch["instance_pixel_values"]:
             assert any(torch.allclose(image, ref, atol=1e-6) for ref in instances)
@@ -104,6 +105,20 @@ def test_prior_batches_outputs_and_resume(tiny_sd_dir, tmp_path, monkeypatch):
     assert resumed.keys() == trained.keys()
     for key in trained:
         torch.testing.assert_close(resumed[key], trained[key], atol=1e-6, rtol=0, msg=key)
+
+
+def test_several_class_prompts_get_their_own_class_images(tiny_sd_dir, tmp_path, monkeypatch):
+    seen = []
+    real_loss = train_subject.training_loss
+    monkeypatch.setattr(train_subject, "training_loss", lambda batch, *rest: seen.append(batch) or real_loss(batch, *rest))
+    out = tmp_path / "run"
+    train_subject.main(args_for(tiny_sd_dir, out, "--with_prior_preservation", "--num_class_images", "1",
+                                "--class_prompt", "a photo of a square", "a red circle", "--max_train_steps", "2"))
+    assert sorted(p.name for p in (out / "class_images").iterdir()) == ["a-photo-of-a-square", "a-red-circle"]
+    assert all(len(list(p.iterdir())) == 1 for p in (out / "class_images").iterdir())
+    assert sorted(i for batch in seen for i in batch["class_prompt_index"].tolist()) == [0, 0, 1, 1]
+    saved = json.loads((out / "subject.json").read_text())
+    assert saved["class_prompt"] == "a photo of a square" and saved["class_prompts"][1] == "a red circle"
 
 
 def test_user_folder_without_prior_preservation(tiny_sd_dir, tmp_path):
@@ -189,6 +204,10 @@ def test_prompts_without_identifier_or_with_unknown_words(tiny_sd_dir, tmp_path,
     assert "has no identifier" in capsys.readouterr().err
     args = train_subject.parse_args(["--instance_prompt", "a photo of sks square", "--class_prompt", "a photo of a square"])
     assert args.identifier == ["sks"] and args.validation_prompt == ["a photo of sks square", "a photo of a square"]
+    assert args.class_prompt == "a photo of a square" and args.class_prompts == ["a photo of a square"]
+    with pytest.raises(SystemExit):  # every class prompt must lack the identifier
+        train_subject.parse_args(["--instance_prompt", "a sks square", "--class_prompt", "a square", "a sks circle"])
+    assert "has no identifier" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         train_subject.parse_args(["--with_prior_preservation", "--instance_data_dir", ".", "--instance_prompt", "a sks dog"])
     assert "needs --class_prompt" in capsys.readouterr().err

@@ -37,13 +37,15 @@ def add_data_args(parser) -> None:
       help=f'Prompt with the subject\'s identifier, e.g. "a photo of sks dog" (default for the synthetic subject: '
            f'"{DEFAULT_SUBJECT.instance_prompt}").')
     a("--class_data_dir", default=None,
-      help="Folder of class images for prior preservation; missing ones are generated there (default: output_dir/class_images).")
-    a("--class_prompt", default=None,
-      help=f'The same prompt without the identifier, e.g. "a photo of a dog" (synthetic default: "{DEFAULT_SUBJECT.class_prompt}").')
+      help="Folder of class images for prior preservation; missing ones are generated there (default: output_dir/class_images). "
+           "With several class prompts, one subfolder per prompt.")
+    a("--class_prompt", nargs="+", default=None,
+      help=f'The same prompt without the identifier, e.g. "a photo of a dog" (synthetic default: "{DEFAULT_SUBJECT.class_prompt}"). '
+           "More prompts (e.g. other things the model must keep drawing) add their own class images to the prior.")
     a("--with_prior_preservation", action="store_true", help="Add the prior-preservation loss on class images.")
     a("--prior_loss_weight", type=float, default=1.0, help="Weight of the prior-preservation loss.")
     a("--num_class_images", type=int, default=100,
-      help="Class images to use; if the folder has fewer, the rest are generated with the base model and kept.")
+      help="Class images to use per class prompt; if the folder has fewer, the rest are generated with the base model and kept.")
     a("--sample_batch_size", type=int, default=8, help="Batch size for generating class images.")
     a("--class_inference_steps", type=int, default=None, help="Denoising steps for class images (default: --num_inference_steps).")
     a("--center_crop", action="store_true", help="Centre-crop to the resolution (default: a random crop).")
@@ -117,17 +119,18 @@ def prompt_words(prompt: str) -> list[str]:
     return WORD_RE.findall(prompt.lower())
 
 
-def identifier_words(instance_prompt: str, class_prompt: str) -> list[str]:
-    """Words of the instance prompt that the class prompt lacks (the subject's identifier, e.g. ["sks"]).
+def identifier_words(instance_prompt: str, class_prompt: str, other_prompts: list[str] = ()) -> list[str]:
+    """Words of the instance prompt that the class prompt (and `other_prompts`) lack: the subject's
+    identifier, e.g. ["sks"].
 
     Raises a ValueError when there is none: the model could not tell the subject from its class.
     """
-    others = set(prompt_words(class_prompt))
+    others = {w for p in [class_prompt, *other_prompts] for w in prompt_words(p)}
     identifier = [w for w in dict.fromkeys(prompt_words(instance_prompt)) if w not in others]
     if not identifier:
         raise ValueError(
             f"--instance_prompt {instance_prompt!r} has no identifier: every word is also in --class_prompt "
-            f"{class_prompt!r}. Put a rare token the class prompt lacks before the class noun, e.g. "
+            f"{' / '.join(repr(p) for p in [class_prompt, *other_prompts])}. Put a rare token the class prompt lacks before the class noun, e.g. "
             f"{_with_identifier(class_prompt)!r}."
         )
     return identifier
@@ -216,12 +219,20 @@ def generate_class_images(pipeline, folder, prompt: str, num_images: int, seed: 
 
 
 # ----------------------------------------------------------------------------- dataset
+def class_folders(class_dir: str | os.PathLike, prompts: list[str]) -> list[Path]:
+    """The class folder itself for one class prompt (as diffusers), else one subfolder per prompt."""
+    if len(prompts) == 1:
+        return [Path(class_dir)]
+    return [Path(class_dir) / ("-".join(prompt_words(p)) or f"prompt{i}") for i, p in enumerate(prompts)]
+
+
 def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, np.float32) / 127.5 - 1.0).permute(2, 0, 1)  # (3, H, W) in [-1, 1]
 
 
 class DreamBoothDataset(torch.utils.data.Dataset):
-    """Row i: instance image i % n_instance (and class image i % n_class), cropped to `resolution`.
+    """Row i: instance image i % n_instance (and class image i % n_class, with the index of its class
+    prompt in `class_labels`), cropped to `resolution`.
 
     Length is the larger of the two folders (at least `min_length`), as in diffusers, so every
     instance image is seen about equally often. Call `set_epoch` before each epoch: random crops
@@ -229,10 +240,13 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, instance_images, resolution: int, center_crop: bool, seed: int,
-                 class_images=None, min_length: int = 1):
+                 class_images=None, min_length: int = 1, class_labels=None):
         if not instance_images:
             raise ValueError("DreamBoothDataset needs at least one instance image.")
         self.instance_images, self.class_images = list(instance_images), list(class_images or [])
+        self.class_labels = list(class_labels) if class_labels is not None else [0] * len(self.class_images)
+        if len(self.class_labels) != len(self.class_images):
+            raise ValueError(f"{len(self.class_labels)} class labels for {len(self.class_images)} class images.")
         self.resolution, self.center_crop, self.seed = resolution, center_crop, seed
         self.length = max(len(self.instance_images), len(self.class_images), min_length)
         self.epoch = 0
@@ -258,10 +272,11 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         item = {"instance_pixel_values": self.crop(self.instance_images[row % len(self.instance_images)], row, 0)}
         if self.class_images:
             item["class_pixel_values"] = self.crop(self.class_images[row % len(self.class_images)], row, 1)
+            item["class_prompt_index"] = torch.tensor(self.class_labels[row % len(self.class_images)])
         return item
 
 
 def collate(examples: list[dict]) -> dict:
     """Instance and class images stay under their own keys, (B, 3, H, W) each, so a batch split across
-    processes gives each process both kinds; the loss concatenates them."""
+    processes gives each process both kinds; the loss concatenates them. class_prompt_index is (B,)."""
     return {key: torch.stack([e[key] for e in examples]) for key in examples[0]}

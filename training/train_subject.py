@@ -42,6 +42,7 @@ from training.subject_data import (
     DreamBoothDataset,
     add_data_args,
     center_square,
+    class_folders,
     check_prompt,
     collate,
     generate_class_images,
@@ -65,13 +66,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     if args.instance_data_dir is None:  # the synthetic subject and its prompts
         args.instance_prompt = args.instance_prompt or DEFAULT_SUBJECT.instance_prompt
-        args.class_prompt = args.class_prompt or DEFAULT_SUBJECT.class_prompt
+        args.class_prompt = args.class_prompt or [DEFAULT_SUBJECT.class_prompt]
     elif args.instance_prompt is None:
         prompts = Path(args.instance_data_dir) / "prompts.json"  # as write_subject_folder leaves it
         if not prompts.is_file():
             parser.error("--instance_prompt is required with --instance_data_dir (e.g. \"a photo of sks dog\").")
         saved = json.loads(prompts.read_text())
-        args.instance_prompt, args.class_prompt = saved["instance_prompt"], args.class_prompt or saved.get("class_prompt")
+        args.instance_prompt = saved["instance_prompt"]
+        args.class_prompt = args.class_prompt or ([saved["class_prompt"]] if saved.get("class_prompt") else None)
+    # --class_prompt takes one prompt (as diffusers) or several: class_prompt is the first, class_prompts all.
+    args.class_prompts = list(args.class_prompt or [])
+    args.class_prompt = args.class_prompts[0] if args.class_prompts else None
     if args.with_prior_preservation and not args.class_prompt:
         parser.error("--with_prior_preservation needs --class_prompt (the instance prompt without the identifier).")
     if not args.with_prior_preservation and args.class_data_dir:
@@ -79,7 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.identifier = None
     if args.class_prompt:
         try:
-            args.identifier = identifier_words(args.instance_prompt, args.class_prompt)
+            args.identifier = identifier_words(args.instance_prompt, args.class_prompt, args.class_prompts[1:])
         except ValueError as err:
             parser.error(str(err))
     if args.num_class_images < 1 or args.num_validation_images < 1:
@@ -105,8 +110,8 @@ def main(argv=None) -> dict:
     for model in (text_encoder, vae, unet):
         model.to(accelerator.device)
     check_prompt(tokenizer, args.instance_prompt, "--instance_prompt", strict=True)
-    if args.class_prompt:
-        check_prompt(tokenizer, args.class_prompt, "--class_prompt", strict=True)
+    for prompt in args.class_prompts:
+        check_prompt(tokenizer, prompt, "--class_prompt", strict=True)
     for prompt in args.validation_prompt:
         check_prompt(tokenizer, prompt, "--validation_prompt", strict=False)
 
@@ -117,25 +122,28 @@ def main(argv=None) -> dict:
         write_subject_folder(instance_dir, args.num_synthetic_images, seed=0, size=resolution)
     accelerator.wait_for_everyone()
     instance_images = read_image_folder(instance_dir, "--instance_data_dir", resolution, args.min_instance_images)
-    class_images = None
+    class_images, class_labels = [], []
     if args.with_prior_preservation:
-        class_dir = args.class_data_dir or os.path.join(args.output_dir, "class_images")
+        folders = class_folders(args.class_data_dir or os.path.join(args.output_dir, "class_images"), args.class_prompts)
         if accelerator.is_main_process:
             base = StableDiffusionPipeline(
                 vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                 scheduler=load_sampling_scheduler(model_path), safety_checker=None, feature_extractor=None,
                 requires_safety_checker=False,
             )
-            generate_class_images(
-                base, class_dir, args.class_prompt, args.num_class_images, args.seed, args.sample_batch_size,
-                args.class_inference_steps or args.num_inference_steps, args.guidance_scale,
-                show_progress=accelerator.is_local_main_process,
-            )
+            for folder, prompt in zip(folders, args.class_prompts):
+                generate_class_images(
+                    base, folder, prompt, args.num_class_images, args.seed, args.sample_batch_size,
+                    args.class_inference_steps or args.num_inference_steps, args.guidance_scale,
+                    show_progress=accelerator.is_local_main_process,
+                )
             del base
         accelerator.wait_for_everyone()
-        class_images = read_image_folder(class_dir, "--class_data_dir", resolution, args.num_class_images,
-                                         limit=args.num_class_images)
-    logger.info(f"{len(instance_images)} instance images, {len(class_images or [])} class images")
+        for label, folder in enumerate(folders):
+            images = read_image_folder(folder, "--class_data_dir", resolution, args.num_class_images, limit=args.num_class_images)
+            class_images += images
+            class_labels += [label] * len(images)
+    logger.info(f"{len(instance_images)} instance images, {len(class_images)} class images of {len(args.class_prompts)} prompt(s)")
 
     boft_config = common.boft_config_from_args(args)
     add_boft(unet, boft_config)
@@ -153,13 +161,13 @@ def main(argv=None) -> dict:
     # The prompts never change: encode them once.
     with torch.no_grad():
         instance_text = text_encoder(common.tokenize(tokenizer, [args.instance_prompt]).to(accelerator.device))[0]
-        class_text = text_encoder(common.tokenize(tokenizer, [args.class_prompt]).to(accelerator.device))[0] \
-            if class_images else None
+        class_text = text_encoder(common.tokenize(tokenizer, args.class_prompts).to(accelerator.device))[0] \
+            if class_images else None  # (n_class_prompts, L, D)
 
     # Data: one global batch per step, split across processes (see common.make_accelerator).
     global_batch = args.train_batch_size * accelerator.num_processes
     dataset = DreamBoothDataset(instance_images, resolution, args.center_crop, args.seed, class_images,
-                                min_length=global_batch * args.gradient_accumulation_steps)
+                                min_length=global_batch * args.gradient_accumulation_steps, class_labels=class_labels)
     batches = common.GlobalBatches(len(dataset), global_batch, args.seed, args.gradient_accumulation_steps)
     batches_per_epoch = len(batches)
     dataloader = torch.utils.data.DataLoader(
@@ -236,11 +244,11 @@ def main(argv=None) -> dict:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         card = common.model_card("BOFT subject adapter", args, boft_config, summary, metrics)
-        card += (f"\nSubject: `{args.instance_prompt}`" + (f" (class: `{args.class_prompt}`, prior preservation "
+        card += (f"\nSubject: `{args.instance_prompt}`" + (f" (class: `{'`, `'.join(args.class_prompts)}`, prior preservation "
                  f"{'on, weight ' + str(args.prior_loss_weight) if args.with_prior_preservation else 'off'})" if args.class_prompt else "")
                  + ".\n")
         common.save_final(args.output_dir, base_unet, None, card)
-        subject = {"instance_prompt": args.instance_prompt, "class_prompt": args.class_prompt,
+        subject = {"instance_prompt": args.instance_prompt, "class_prompt": args.class_prompt, "class_prompts": args.class_prompts,
                    "identifier": args.identifier, "instance_data_dir": os.path.abspath(instance_dir)}
         Path(args.output_dir, SUBJECT_FILE).write_text(json.dumps(subject, indent=2))
         with open(os.path.join(args.output_dir, "validation_metrics.json"), "w") as f:
@@ -264,7 +272,7 @@ def training_loss(batch, indices, step_key, args, vae, unet, noise_scheduler, in
     prior = "class_pixel_values" in batch
     if prior:
         pixels = torch.cat([pixels, batch["class_pixel_values"]])  # (2B, 3, H, W): instance, then class
-        text = torch.cat([text, class_text.expand(n, -1, -1)])
+        text = torch.cat([text, class_text[batch["class_prompt_index"].to(class_text.device)]])
         sample_ids += [2 * g + 1 for g in indices]
     pixels = pixels.to(device, weight_dtype)
     with torch.no_grad():
