@@ -203,7 +203,7 @@ def test_evaluate_script_scores_every_configuration(tiny_sd_dir, adapter_dirs, t
         assert key in both["subject_prompts"]
     assert {"prompt_color", "prompt_both"} <= set(both["other_prompts"])  # "a red square" names its colour
     assert "prompt_color" not in both["subject_prompts"]  # "a photo of sks square" does not
-    assert "landmark_error" not in subject["subject_prompts"]  # control off: no control image, no landmark score
+    assert "landmark_error" in subject["subject_prompts"]  # control off: scored against the same points
     assert set(results["subject_similarity_ceiling"]) == {"references", "vae_reconstructions"}
     assert (out / "grid.png").is_file() and (tmp_path / "docs" / "grid.png").is_file()
     assert json.loads((out / "metrics.json").read_text())["configs"].keys() == results["configs"].keys()

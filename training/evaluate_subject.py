@@ -13,7 +13,8 @@ Prompts containing the identifier (words of the instance prompt the class prompt
 CLIP-T when model paths are given. Every prompt that names colours and shapes is scored for
 prompt fidelity (`prompt_accuracy`), so the colour x shape prompts of the embedded model
 measure prior preservation. With a control adapter (a folder with control_head/), images follow
-landmark controls of held-out subject views and the landmark error is reported too.
+landmark controls of held-out subject views and the landmark error against their points is
+reported in every configuration (configurations without the control adapter get no control image).
 
 Configurations: all adapters (composed in the order given), the base model (--compare_base),
 and each adapter alone (--ablate); the same seeds in every configuration.
@@ -104,6 +105,13 @@ def score(images_by_prompt: dict[str, list], references: list, identifier: list[
             lm = score_landmarks(images, [targets[j % len(targets)] for p in prompts for j in range(len(images_by_prompt[p]))])
             metrics.update(landmark_error=lm["mean_error"], landmark_detection_rate=lm["detection_rate"])
         result[group] = metrics
+    result["per_prompt"] = {}
+    for prompt, images in images_by_prompt.items():
+        entry = {"subject_similarity": subject_similarity(images, references)}
+        if parse_caption(prompt):
+            accuracy = prompt_accuracy(images, [prompt] * len(images))
+            entry.update({f"prompt_{k}": accuracy[k] for k in ("shape", "color", "both")})
+        result["per_prompt"][prompt] = entry
     return result
 
 
@@ -168,7 +176,8 @@ class SubjectValidator:
         finally:
             unet.train()
         nested = score(images, self.references, self.identifier)
-        metrics = {f"{group}/{k}": v for group, values in nested.items() for k, v in values.items() if k != "n_images"}
+        metrics = {f"{group}/{k}": v for group, values in nested.items() if group != "per_prompt"
+                   for k, v in values.items() if k != "n_images"}
         grid = prompt_grid({f"step {step}": images}, self.args.num_validation_images, cell_size=64,
                            references=self.references)
         common.write_validation(self.accelerator, self.args.output_dir, step, grid, metrics)
@@ -300,7 +309,8 @@ def main(argv=None) -> dict:
         with_control = head_owner in active
         images = generate(pipe, prompts, args.num_images, args.seed, args.num_inference_steps, args.guidance_scale,
                           controls if with_control else None, 1.0 if with_control else 0.0, args.batch_size)
-        results["configs"][label] = score(images, references, identifier, targets if with_control else None, dino, clip)
+        # Landmarks are scored in every configuration: without control they show how far free images are.
+        results["configs"][label] = score(images, references, identifier, targets, dino, clip)
         results["configs"][label]["active_adapters"] = active
         columns[label] = images
         logger.info("%s: %s", label, json.dumps(results["configs"][label]))
@@ -310,7 +320,7 @@ def main(argv=None) -> dict:
     os.makedirs(args.output_dir, exist_ok=True)
     grid_columns = dict(columns)
     if controls is not None:
-        grid_columns = {"control": {p: controls[:args.num_images] for p in prompts}, **grid_columns}
+        grid_columns = {"control map": {p: controls[:args.num_images] for p in prompts}, **grid_columns}
     grid = prompt_grid(grid_columns, min(args.grid_images, args.num_images), references=references)
     grid.save(os.path.join(args.output_dir, "grid.png"))
     if args.grid:

@@ -278,7 +278,8 @@ def training_loss(batch, indices, step_key, args, vae, unet, noise_scheduler, in
     with torch.no_grad():
         posterior = vae.encode(pixels).latent_dist
     noise, timesteps, _ = common.per_sample_noise(
-        (2, *posterior.mean.shape[1:]), args.seed, step_key, sample_ids, noise_scheduler.config.num_train_timesteps
+        (2, *posterior.mean.shape[1:]), args.seed, step_key, sample_ids, noise_scheduler.config.num_train_timesteps,
+        sampling=args.timestep_sampling,
     )
     vae_noise, noise = noise[:, 0].to(device, weight_dtype), noise[:, 1].to(device, weight_dtype)
     latents = (posterior.mean + posterior.std * vae_noise) * scaling
