@@ -140,6 +140,8 @@ class BOFTPipeline(StableDiffusionPipeline):
         """
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         boft = set(self.boft_adapters)
+        if not names and not boft:  # nothing to switch off (diffusers' LoRA path would fail without LoRA)
+            return
         if not boft or (names and not set(names) & boft):
             return super().set_adapters(adapter_names, adapter_weights)
         if not set(names) <= boft:

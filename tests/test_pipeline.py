@@ -339,3 +339,9 @@ def test_xformers_without_boft_defers_to_diffusers(base_dir, monkeypatch):
                         lambda self, valid, op=None: calls.append(valid))
     pipe.enable_xformers_memory_efficient_attention()
     assert calls and all(calls)
+
+
+def test_set_adapters_empty_without_adapters_is_a_no_op(base_dir):
+    pipe = load(base_dir)
+    pipe.set_adapters([])  # diffusers' LoRA path would raise KeyError('unet') here
+    assert pipe.boft_adapters == []
