@@ -244,6 +244,20 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, total_
     return final
 
 
+def finish_step(accelerator: Accelerator, args, step: int, logs: dict, progress, validate) -> dict | None:
+    """After an optimizer step: progress bar and logs, then a checkpoint and validation when
+    their schedules (or the last step) say so. Returns validate(step)'s metrics when it ran."""
+    progress.update(1)
+    progress.set_postfix(**logs)
+    accelerator.log(logs, step=step)
+    last = step == args.max_train_steps
+    if step % args.checkpointing_steps == 0 or last:
+        save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit)
+    if accelerator.is_main_process and (step % args.validation_steps == 0 or last):
+        return validate(step)
+    return None
+
+
 def resolve_resume(output_dir: str, resume: str | None) -> Path | None:
     if resume is None:
         return None

@@ -156,14 +156,8 @@ def main(argv=None) -> dict:
             if not accelerator.sync_gradients:
                 continue
             global_step += 1
-            progress.update(1)
             logs = {"loss": accelerator.reduce(loss.detach(), "mean").item(), "lr": lr_scheduler.get_last_lr()[0]}
-            progress.set_postfix(**logs)
-            accelerator.log(logs, step=global_step)
-            if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-                common.save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
-            if accelerator.is_main_process and (global_step % args.validation_steps == 0 or global_step == args.max_train_steps):
-                metrics = validator.run(global_step)
+            metrics = common.finish_step(accelerator, args, global_step, logs, progress, validator.run) or metrics
             if global_step >= args.max_train_steps:
                 break
     progress.close()
