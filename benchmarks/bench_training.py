@@ -110,28 +110,12 @@ class PeakMemory:
         }
 
 
-class TorchBlockDiag:
-    """Stand-in for PEFT's `fbd_cuda` (copy of the helper in tests/peft_oracle.py): (N, D, b, b)
-    blocks <-> (N, D*b, D*b) block-diagonal matrices, so PEFT keeps boft_n_butterfly_factor."""
-
-    @staticmethod
-    def forward(blocks):
-        import torch
-
-        return [torch.stack([torch.block_diag(*factor) for factor in blocks])]
-
-    @staticmethod
-    def backward(grad, blocks):
-        import torch
-
-        n, d, b, _ = blocks.shape
-        idx = torch.arange(d, device=grad.device)
-        full = grad.view(n, d, b, d, b)
-        return [full[:, idx, :, idx, :].permute(1, 0, 2, 3).contiguous()]
-
-
 def force_peft_butterfly() -> None:
+    """Keep PEFT's m in effect on CPU with the tests' stand-in for its fbd_cuda (one oracle)."""
     import peft.tuners.boft.layer as peft_boft_layer
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from peft_oracle import TorchBlockDiag
 
     peft_boft_layer._FBD_CUDA = TorchBlockDiag
     peft_boft_layer.get_fbd_cuda = lambda: TorchBlockDiag

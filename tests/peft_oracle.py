@@ -20,7 +20,7 @@ class TorchBlockDiag:
     @staticmethod
     def backward(grad, blocks):
         n, d, b, _ = blocks.shape
-        idx = torch.arange(d)
+        idx = torch.arange(d, device=grad.device)
         full = grad.view(n, d, b, d, b)  # (N, D, b, D, b)
         return [full[:, idx, :, idx, :].permute(1, 0, 2, 3).contiguous()]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 
 from boft_diffusion import BOFTConfig, load_boft, save_boft
 from boft_diffusion.config import PROJECTIONS
@@ -105,6 +105,27 @@ def make_accelerator(args) -> Accelerator:
         project_config=project,
         dataloader_config=DataLoaderConfiguration(split_batches=True),
     )
+
+
+def start_run(args):
+    """The set-up both trainers share: logging, accelerator, seed, output folder, and the frozen
+    base model in the compute dtype on the accelerator's device.
+
+    Returns (accelerator, weight_dtype, model_path, tokenizer, text_encoder, vae, unet, noise_scheduler, resolution).
+    """
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    accelerator = make_accelerator(args)
+    set_seed(args.seed)  # module inits (e.g. a control head); noise is seeded per sample (per_sample_noise)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    weight_dtype = weight_dtype_of(accelerator)
+    model_path, tokenizer, text_encoder, vae, unet, noise_scheduler = load_components(
+        args.pretrained_model_name_or_path, weight_dtype
+    )
+    resolution = args.resolution or default_resolution(unet, vae)
+    for model in (text_encoder, vae, unet):
+        model.to(accelerator.device)
+    return accelerator, weight_dtype, model_path, tokenizer, text_encoder, vae, unet, noise_scheduler, resolution
 
 
 def weight_dtype_of(accelerator: Accelerator) -> torch.dtype:

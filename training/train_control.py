@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 
 import torch
 import torch.nn.functional as F
 from accelerate.logging import get_logger
-from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
@@ -58,20 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    accelerator = common.make_accelerator(args)
-    set_seed(args.seed)  # the control head's init; noise is seeded per sample (common.per_sample_noise)
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-
     # Models: frozen base in the compute dtype, trainable adapter and head in fp32.
-    weight_dtype = common.weight_dtype_of(accelerator)
-    model_path, tokenizer, text_encoder, vae, unet, noise_scheduler = common.load_components(
-        args.pretrained_model_name_or_path, weight_dtype
+    accelerator, weight_dtype, model_path, tokenizer, text_encoder, vae, unet, noise_scheduler, resolution = (
+        common.start_run(args)
     )
-    resolution = args.resolution or common.default_resolution(unet, vae)
-    for model in (text_encoder, vae, unet):
-        model.to(accelerator.device)
     boft_config = common.boft_config_from_args(args)
     add_boft(unet, boft_config)
     unet.train()
