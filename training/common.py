@@ -279,6 +279,19 @@ def finish_step(accelerator: Accelerator, args, step: int, logs: dict, progress,
     return None
 
 
+def begin_training(accelerator: Accelerator, args, run_name: str) -> int:
+    """Start the trackers and resume from --resume_from_checkpoint; returns the step to continue from."""
+    if accelerator.is_main_process and args.report_to != "none":
+        config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers(run_name, config=config)
+    resume = resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    if resume is None:
+        return 0
+    accelerator.load_state(str(resume))
+    logger.info("Resumed from %s", resume)
+    return checkpoint_step(resume)
+
+
 def resolve_resume(output_dir: str, resume: str | None) -> Path | None:
     if resume is None:
         return None

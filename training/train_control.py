@@ -102,16 +102,7 @@ def main(argv=None) -> dict:
     validator = ControlValidator(
         args, model_path, resolution, vae, text_encoder, tokenizer, base_unet, base_head, weight_dtype, accelerator
     )
-    if accelerator.is_main_process and args.report_to != "none":
-        accelerator.init_trackers("train_control", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
-
-    # Resume.
-    global_step = 0
-    resume = common.resolve_resume(args.output_dir, args.resume_from_checkpoint)
-    if resume is not None:
-        accelerator.load_state(str(resume))
-        global_step = common.checkpoint_step(resume)
-        logger.info(f"Resumed from {resume} at step {global_step}")
+    global_step = common.begin_training(accelerator, args, "train_control")
     steps_per_epoch = batches_per_epoch // args.gradient_accumulation_steps
     if steps_per_epoch == 0:
         raise ValueError("Fewer batches per epoch than --gradient_accumulation_steps; use more data or accumulate less.")

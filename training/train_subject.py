@@ -177,16 +177,7 @@ def main(argv=None) -> dict:
         references=[center_square(im, resolution) for im in instance_images],
         identifier=args.identifier or [],
     )
-    if accelerator.is_main_process and args.report_to != "none":
-        accelerator.init_trackers("train_subject", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
-
-    # Resume.
-    global_step = 0
-    resume = common.resolve_resume(args.output_dir, args.resume_from_checkpoint)
-    if resume is not None:
-        accelerator.load_state(str(resume))
-        global_step = common.checkpoint_step(resume)
-        logger.info(f"Resumed from {resume} at step {global_step}")
+    global_step = common.begin_training(accelerator, args, "train_subject")
     steps_per_epoch = batches_per_epoch // args.gradient_accumulation_steps
     scaling = vae.config.scaling_factor
     local_batch = args.train_batch_size
