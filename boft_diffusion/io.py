@@ -45,7 +45,7 @@ def _write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
@@ -65,7 +65,7 @@ def save_boft(unet, save_directory: str | os.PathLike, adapter_name: str | None 
     name = require_adapter(unet, adapter_name)
     folder = Path(save_directory)
     config = boft_configs(unet)[name]
-    _write_tensors(folder / WEIGHTS_NAME, adapter_state_dict(unet, name), {"format": "pt", "boft_config": config.to_json_string()})
+    write_tensors(folder / WEIGHTS_NAME, adapter_state_dict(unet, name), {"format": "pt", "boft_config": config.to_json_string()})
     _write_text(folder / CONFIG_NAME, config.to_json_string())
     return folder
 
@@ -231,6 +231,6 @@ def export_peft(unet, save_directory: str | os.PathLike, adapter_name: str | Non
         "revision": None,
     }
     folder = Path(save_directory)
-    _write_tensors(folder / PEFT_WEIGHTS_NAME, tensors, {"format": "pt"})
+    write_tensors(folder / PEFT_WEIGHTS_NAME, tensors, {"format": "pt"})
     _write_text(folder / PEFT_CONFIG_NAME, json.dumps(peft_config, indent=2) + "\n")
     return folder

@@ -39,6 +39,7 @@ import boft_diffusion
 from boft_diffusion.attention import select_backend
 from boft_diffusion.config import BOFTConfig
 from boft_diffusion.control import ControlHead, control_residual
+from boft_diffusion.identifier import attach_identifier, detach_identifier, load_identifier_embeddings
 from boft_diffusion.unet import adapter_names, boft_configs, boft_processors, require_adapter, rotations
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class BOFTPipeline(StableDiffusionPipeline):
         # Sample with merged weights (no per-step BOFT cost); see `fuse`.
         self.fuse_for_sampling = True
         self._boft_backend = "auto"
+        self._identifiers = {}  # adapter name -> IdentifierEmbeddings, applied while the adapter is active
 
     # ------------------------------------------------------------------ adapters and control head
     def load_boft(self, path: str | os.PathLike, adapter_name: str = "default") -> BOFTConfig:
@@ -89,6 +91,7 @@ class BOFTPipeline(StableDiffusionPipeline):
         Everything is validated before the pipeline changes: an adapter or head made for another
         model raises a ValueError and leaves the pipeline as it was.
         """
+        identifier = load_identifier_embeddings(path, self.text_encoder, self.tokenizer)
         head = None
         head_folder = Path(path) / CONTROL_HEAD_FOLDER
         if head_folder.is_dir():
@@ -110,7 +113,29 @@ class BOFTPipeline(StableDiffusionPipeline):
             if self.control_head is not None:
                 logger.info("Replacing the loaded control head with %s.", head_folder)
             self.register_modules(control_head=head.to(self.unet.device).eval())
+        self._identifiers.pop(adapter_name, None)
+        if identifier is not None:
+            self._identifiers[adapter_name] = identifier.to(self.text_encoder.device).requires_grad_(False)
+        self._apply_identifiers()
         return config
+
+    def _apply_identifiers(self) -> None:
+        """Swap in the learned identifier embeddings of the active adapters (none: the base text encoder)."""
+        active = [self._identifiers[n] for n in self._active_boft_adapters() if n in self._identifiers]
+        if not active:
+            detach_identifier(self.text_encoder)
+            return
+
+        def swap(input_ids, embeds):
+            for identifier in active:
+                embeds = identifier(input_ids, embeds)
+            return embeds
+
+        attach_identifier(self.text_encoder, swap)
+
+    def _active_boft_adapters(self) -> list[str]:
+        active = {n for _, _, p in boft_processors(self.unet) for n in p.active_adapters}
+        return [n for n in self.boft_adapters if n in active]
 
     def save_boft(self, save_directory: str | os.PathLike, adapter_name: str | None = None) -> Path:
         """Write one adapter (+ the control head in `control_head/`) in the layout `load_boft` reads."""
@@ -150,6 +175,7 @@ class BOFTPipeline(StableDiffusionPipeline):
         if adapter_weights is not None:
             raise ValueError("BOFT adapters take no weights; use set_active_factors to weaken one.")
         boft_diffusion.set_active_adapters(self.unet, names)
+        self._apply_identifiers()
 
     def set_active_factors(
         self, k: int | None = None, adapter_name: str | None = None, mask: Sequence[bool] | None = None

@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from boft_diffusion.data import write_subject_folder
+from boft_diffusion.identifier import IDENTIFIER_FILE
 from pipelines import BOFTPipeline
 from training import common, subject_data, train_subject
 
@@ -35,6 +36,7 @@ def args_for(model_dir, out, *extra):
 
 
 PRIOR = ["--with_prior_preservation", "--num_class_images", "3", "--sample_batch_size", "2"]
+IDENTIFIER = ["--train_identifier_embedding", "--identifier_lr", "1e-2"]
 
 
 def weights(folder):
@@ -56,7 +58,7 @@ def test_prior_batches_outputs_and_resume(tiny_sd_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_subject, "training_loss", recording_loss)
     straight = tmp_path / "straight"
-    metrics = train_subject.main(args_for(tiny_sd_dir, straight, *PRIOR))
+    metrics = train_subject.main(args_for(tiny_sd_dir, straight, *PRIOR, *IDENTIFIER))
 
     # Every batch holds both kinds: instance views of the subject and class images of the base model.
     instances, classes = as_tensors(straight / "instance_images"), as_tensors(straight / "class_images")
@@ -73,7 +75,8 @@ def test_prior_batches_outputs_and_resume(tiny_sd_dir, tmp_path, monkeypatch):
 
     # The folder a pipeline loads, as train_control writes it (no control head) plus subject.json.
     names = {p.name for p in straight.iterdir()}
-    assert {"boft_config.json", "boft_weights.safetensors", "model_card.md", "subject.json", "checkpoint-4"} <= names
+    assert {"boft_config.json", "boft_weights.safetensors", "model_card.md", "subject.json", "checkpoint-4",
+            IDENTIFIER_FILE} <= names
     assert "control_head" not in names
     assert json.loads((straight / "subject.json").read_text())["identifier"] == ["sks"]
     assert "subject_prompts/subject_similarity" in metrics
@@ -85,6 +88,15 @@ def test_prior_batches_outputs_and_resume(tiny_sd_dir, tmp_path, monkeypatch):
     pipe.load_boft(straight, adapter_name="subject")
     image = pipe("a photo of sks square", num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
+    # The learned identifier applies while the adapter is active, and only to prompts holding it.
+    learned = load_file(str(straight / IDENTIFIER_FILE))
+    start = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids("sks</w>")]
+    assert list(learned) == ["sks</w>"] and (learned["sks</w>"] - start).abs().max() > 1e-3
+    with_identifier = [pipe.encode_prompt(p, "cpu", 1, False)[0] for p in ("a photo of sks square", "a photo of a square")]
+    pipe.set_adapters([])
+    without = [pipe.encode_prompt(p, "cpu", 1, False)[0] for p in ("a photo of sks square", "a photo of a square")]
+    assert (with_identifier[0] - without[0]).abs().max() > 1e-4
+    torch.testing.assert_close(with_identifier[1], without[1], atol=0, rtol=0)
 
     # Kill after the step-2 checkpoint, resume from "latest": the same adapter as the straight run.
     killed = tmp_path / "killed"
@@ -96,12 +108,13 @@ def test_prior_batches_outputs_and_resume(tiny_sd_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(common, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        train_subject.main(args_for(tiny_sd_dir, killed, *PRIOR))
+        train_subject.main(args_for(tiny_sd_dir, killed, *PRIOR, *IDENTIFIER))
     monkeypatch.setattr(common, "save_checkpoint", real_save)
     made = {p.name: p.stat().st_mtime_ns for p in (killed / "class_images").iterdir()}
-    train_subject.main(args_for(tiny_sd_dir, killed, *PRIOR, "--resume_from_checkpoint", "latest"))
+    train_subject.main(args_for(tiny_sd_dir, killed, *PRIOR, *IDENTIFIER, "--resume_from_checkpoint", "latest"))
     assert {p.name: p.stat().st_mtime_ns for p in (killed / "class_images").iterdir()} == made  # kept, not redrawn
     resumed = weights(killed)
+    torch.testing.assert_close(load_file(str(killed / IDENTIFIER_FILE)), learned, atol=1e-6, rtol=0)
     assert resumed.keys() == trained.keys()
     for key in trained:
         torch.testing.assert_close(resumed[key], trained[key], atol=1e-6, rtol=0, msg=key)

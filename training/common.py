@@ -16,10 +16,12 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from safetensors.torch import load_file
 
 from boft_diffusion import BOFTConfig, load_boft, save_boft
 from boft_diffusion.config import PROJECTIONS
 from boft_diffusion.control import ControlHead
+from boft_diffusion.identifier import IDENTIFIER_FILE, IdentifierEmbeddings, save_identifier_embeddings
 from boft_diffusion.io import read_adapter
 from boft_diffusion.tiny import resolve_model
 from boft_diffusion.unet import rotations
@@ -314,9 +316,11 @@ def checkpoint_step(path: Path) -> int:
     return int(match.group(1))
 
 
-def register_checkpoint_hooks(accelerator: Accelerator, unet, control_head: ControlHead | None) -> None:
+def register_checkpoint_hooks(accelerator: Accelerator, unet, control_head: ControlHead | None,
+                              identifier: IdentifierEmbeddings | None = None) -> None:
     """Checkpoints hold only what trains, in the public formats: the adapter (boft_config.json +
-    boft_weights.safetensors under boft/) and the control head (control_head/), never the frozen UNet."""
+    boft_weights.safetensors under boft/), the control head (control_head/) and learned identifier
+    embeddings (boft/identifier_embeddings.safetensors), never the frozen UNet."""
 
     def save_hook(models, weights, folder):
         if not accelerator.is_main_process:
@@ -327,6 +331,8 @@ def register_checkpoint_hooks(accelerator: Accelerator, unet, control_head: Cont
                 save_boft(unet, os.path.join(folder, "boft"))
             elif control_head is not None and inner is control_head:
                 control_head.save_pretrained(os.path.join(folder, "control_head"))
+            elif identifier is not None and inner is identifier:
+                save_identifier_embeddings(identifier, os.path.join(folder, "boft"))
         weights.clear()
 
     def load_hook(models, folder):
@@ -337,10 +343,22 @@ def register_checkpoint_hooks(accelerator: Accelerator, unet, control_head: Cont
             elif control_head is not None and inner is control_head:
                 loaded = ControlHead.from_pretrained(os.path.join(folder, "control_head"))
                 control_head.load_state_dict(loaded.state_dict())
+            elif identifier is not None and inner is identifier:
+                load_identifier_values(identifier, os.path.join(folder, "boft"))
             models.remove(model)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
+
+
+@torch.no_grad()
+def load_identifier_values(identifier: IdentifierEmbeddings, folder: str) -> None:
+    """Copy saved identifier embeddings into the ones being trained (resume), checking they match."""
+    state = load_file(os.path.join(folder, IDENTIFIER_FILE))
+    if list(state) != identifier.tokens or any(v.shape != identifier.vectors.shape[1:] for v in state.values()):
+        raise ValueError(f"Checkpoint {folder} holds identifier embeddings for {list(state)}, "
+                         f"not for {identifier.tokens} being trained.")
+    identifier.vectors.copy_(torch.stack(list(state.values())))
 
 
 @torch.no_grad()

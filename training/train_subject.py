@@ -35,6 +35,7 @@ if __package__ in (None, ""):  # `python training/train_subject.py` from a check
 
 from boft_diffusion import add_boft, boft_parameters, describe
 from boft_diffusion.data import DEFAULT_SUBJECT, write_subject_folder
+from boft_diffusion.identifier import attach_identifier, new_identifier_embeddings, save_identifier_embeddings
 from training import common
 from training.evaluate_subject import SUBJECT_FILE, SubjectValidator
 from training.subject_data import (
@@ -60,6 +61,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_data_args(parser)
     parser.add_argument("--num_validation_images", type=int, default=4, help="Validation images per validation prompt.")
     parser.add_argument("--guidance_scale", type=float, default=7.5, help="Classifier-free guidance for validation and class images.")
+    parser.add_argument("--train_identifier_embedding", action="store_true",
+                        help="Also learn the input embedding of the identifier's token(s) (pivotal tuning, like diffusers' "
+                             "--train_text_encoder_ti), for text encoders that never learned the identifier (the embedded "
+                             "tiny model). Saved as identifier_embeddings.safetensors; the text encoder is never changed.")
+    parser.add_argument("--identifier_lr", type=float, default=None,
+                        help="Learning rate of the identifier embedding (default: --learning_rate).")
     parser.set_defaults(output_dir="outputs/subject")
     args = parser.parse_args(argv)
 
@@ -86,6 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             args.identifier = identifier_words(args.instance_prompt, args.class_prompt, args.class_prompts[1:])
         except ValueError as err:
             parser.error(str(err))
+    if args.train_identifier_embedding and not args.identifier:
+        parser.error("--train_identifier_embedding needs --class_prompt, to tell which words of --instance_prompt are the identifier.")
     if args.num_class_images < 1 or args.num_validation_images < 1:
         parser.error("--num_class_images and --num_validation_images must be >= 1.")
     args.validation_prompt = args.validation_prompt or [args.instance_prompt] + ([args.class_prompt] if args.class_prompt else [])
@@ -147,9 +156,15 @@ def main(argv=None) -> dict:
     summary = describe(unet)
     logger.info(summary.splitlines()[-1])
 
-    # The prompts never change: encode them once.
+    # The class prompts never change: encode them once. So does the instance prompt, unless the
+    # identifier's embedding is learned (then it is encoded each step, through the frozen encoder).
+    identifier = None
+    instance_ids = common.tokenize(tokenizer, [args.instance_prompt]).to(accelerator.device)
+    if args.train_identifier_embedding:
+        identifier = new_identifier_embeddings(text_encoder, tokenizer, args.identifier, args.class_prompts).to(accelerator.device)
+        logger.info(f"learning the embedding of identifier token(s) {identifier.tokens}")
     with torch.no_grad():
-        instance_text = text_encoder(common.tokenize(tokenizer, [args.instance_prompt]).to(accelerator.device))[0]
+        instance_text = text_encoder(instance_ids)[0]
         class_text = text_encoder(common.tokenize(tokenizer, args.class_prompts).to(accelerator.device))[0] \
             if class_images else None  # (n_class_prompts, L, D)
 
@@ -164,13 +179,18 @@ def main(argv=None) -> dict:
     )
 
     adapter_params = boft_parameters(unet)
-    optimizer = common.make_optimizer(args, adapter_params)
+    identifier_params = list(identifier.parameters()) if identifier is not None else []
+    optimizer = common.make_optimizer(args, adapter_params, identifier_params, args.identifier_lr)
     lr_scheduler = get_scheduler(
         args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=args.max_train_steps
     )
     unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
+    if identifier is not None:
+        identifier = accelerator.prepare(identifier)
+        attach_identifier(text_encoder, identifier)  # validation images use it too
     base_unet = accelerator.unwrap_model(unet)
-    common.register_checkpoint_hooks(accelerator, base_unet, None)
+    base_identifier = accelerator.unwrap_model(identifier) if identifier is not None else None
+    common.register_checkpoint_hooks(accelerator, base_unet, None, base_identifier)
 
     validator = SubjectValidator(
         args, model_path, resolution, vae, text_encoder, tokenizer, base_unet, weight_dtype, accelerator,
@@ -190,17 +210,19 @@ def main(argv=None) -> dict:
         batches.position(epoch, micro)  # same order for straight and resumed runs
         dataset.set_epoch(epoch)  # and the same random crops
         for batch in dataloader:
-            with accelerator.accumulate(unet):
+            with accelerator.accumulate(unet, *([identifier] if identifier is not None else [])):
                 step_key = epoch * batches_per_epoch + micro  # which micro-batch of the run this is
                 first = step_key * global_batch + accelerator.process_index * local_batch
                 indices = list(range(first, first + batch["instance_pixel_values"].shape[0]))
+                if identifier is not None:
+                    instance_text = text_encoder(instance_ids)[0]
                 loss, parts = training_loss(
                     batch, indices, step_key, args, vae, unet, noise_scheduler, instance_text, class_text,
                     scaling, weight_dtype, accelerator.device,
                 )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(adapter_params, args.max_grad_norm)
+                    accelerator.clip_grad_norm_(adapter_params + identifier_params, args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -222,6 +244,8 @@ def main(argv=None) -> dict:
                  f"{'on, weight ' + str(args.prior_loss_weight) if args.with_prior_preservation else 'off'})" if args.class_prompt else "")
                  + ".\n")
         common.save_final(args.output_dir, base_unet, None, card)
+        if base_identifier is not None:
+            save_identifier_embeddings(base_identifier, args.output_dir)
         subject = {"instance_prompt": args.instance_prompt, "class_prompt": args.class_prompt, "class_prompts": args.class_prompts,
                    "identifier": args.identifier, "instance_data_dir": os.path.abspath(instance_dir)}
         Path(args.output_dir, SUBJECT_FILE).write_text(json.dumps(subject, indent=2))
