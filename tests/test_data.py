@@ -11,6 +11,7 @@ from boft_diffusion.data import (
     COLORS,
     SEG_PALETTE,
     SHAPES,
+    Subject,
     caption,
     decode_segmentation,
     landmarks,
@@ -95,11 +96,15 @@ def test_segmentation_classes_and_palette_round_trip():
     assert SEG_PALETTE.shape == (4, 3)
 
 
-def test_subject_views_differ_but_share_the_pattern_colours():
+def test_subject_views_differ_but_share_the_subject_colours():
     imgs = subject_images(5, seed=0)
     assert len(imgs) == 5 and imgs[0].size == (32, 32)
     assert len({png_bytes(i) for i in imgs}) == 5
     for img in imgs:
+        px = np.asarray(img).reshape(-1, 3)
+        assert (np.abs(px - (255, 140, 0)).max(1) < 10).sum() > 60  # the orange square
+    checkered = subject_images(2, seed=0, subject=Subject(pattern="checker"))
+    for img in checkered:
         px = np.asarray(img).reshape(-1, 3)
         assert (np.abs(px - (255, 140, 0)).max(1) < 10).sum() > 20  # orange cells
         assert (np.abs(px - (128, 0, 160)).max(1) < 10).sum() > 20  # purple cells
@@ -112,7 +117,7 @@ def test_subject_folder_has_images_and_prompts(tmp_path):
     out = write_subject_folder(str(tmp_path / "subj"), n=3)
     assert sorted(os.listdir(out)) == ["00.png", "01.png", "02.png", "prompts.json"]
     prompts = json.load(open(os.path.join(out, "prompts.json")))
-    assert prompts == {"instance_prompt": "a photo of sks square", "class_prompt": "a photo of a square"}
+    assert prompts == {"instance_prompt": "a sks square", "class_prompt": "a square"}
 
 
 def _digest(folder):

@@ -41,14 +41,16 @@ def parse_args(argv=None):
     p.add_argument("--boft_n_butterfly_factors", type=int, default=3)
     p.add_argument("--num_eval", type=int, default=32, help="Held-out control images scored per k.")
     p.add_argument("--num_inference_steps", type=int, default=20)
+    p.add_argument("--guidance_scale", type=float, default=7.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip_training", action="store_true", help="Reuse the adapter already in --output_dir.")
     return p.parse_args(argv)
 
 
-def generate(pipe, prompts, controls, steps, seed):
+def generate(pipe, prompts, controls, args):
     return [
-        pipe(prompt, control_image=control, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed + i)).images[0]
+        pipe(prompt, control_image=control, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+             generator=torch.Generator().manual_seed(args.seed + i)).images[0]
         for i, (prompt, control) in enumerate(zip(prompts, controls))
     ]
 
@@ -85,7 +87,7 @@ def main(argv=None) -> dict:
         resolve_model(args.pretrained_model_name_or_path), safety_checker=None, requires_safety_checker=False
     )
     pipe.set_progress_bar_config(disable=True)
-    base_images = generate(pipe, prompts, [None] * len(prompts), args.num_inference_steps, args.seed)
+    base_images = generate(pipe, prompts, [None] * len(prompts), args)
     results = {"task": args.task, "base": score(args.task, base_images, targets)}
 
     config = pipe.load_boft(adapter_dir)
@@ -95,7 +97,7 @@ def main(argv=None) -> dict:
     columns = {}
     for k in range(m, -1, -1):
         pipe.set_active_factors(k)
-        images = generate(pipe, prompts, controls, args.num_inference_steps, args.seed)
+        images = generate(pipe, prompts, controls, args)
         results["per_k"][str(k)] = score(args.task, images, targets)
         columns[k] = images
     results["train_seconds"] = round(trained_s, 1)

@@ -1,7 +1,7 @@
 """Train a BOFT adapter on a few images of one subject (DreamBooth), with optional prior preservation.
 
     accelerate launch training/train_subject.py --output_dir outputs/subject --with_prior_preservation
-        # embedded tiny model, synthetic subject, "a photo of sks square" / "a photo of a square"
+        # embedded tiny model, synthetic subject (an orange square), "a sks square" / "a square"
     accelerate launch training/train_subject.py --pretrained_model_name_or_path stabilityai/stable-diffusion-2-1-base \\
         --instance_data_dir dog/ --instance_prompt "a photo of sks dog" --class_prompt "a photo of a dog" \\
         --with_prior_preservation --class_data_dir class_dog/ --resolution 512 --boft_block_num 8 \\

@@ -1,8 +1,10 @@
-"""The subject for subject-driven finetuning: one distinctive patterned object, 3-5 views.
+"""The subject for subject-driven finetuning: one distinctive object, 3-5 views.
 
-The base tiny model only knows flat single-colour shapes, so an orange/purple checkered square
-is new to it: if the finetuned model draws the checker pattern for "sks square", the adapter
-learned the subject (the class prompt "a photo of a square" gives prior-preservation images).
+The base tiny model draws shapes in four colours only, so an orange square is new to it: if the
+finetuned model draws it for "a sks square", the subject was learned (the class prompt "a square"
+gives prior-preservation images). Orange, unlike a pattern, is something the tiny VAE can
+reconstruct (docs/subject.md), so the UNet can be judged on it. Prompts have the form of the
+pretraining captions ("a red circle"): the tiny text encoder never saw "photo" or "of".
 """
 
 from __future__ import annotations
@@ -17,18 +19,18 @@ from .shapes import BACKGROUNDS, Scene, Shape, render, rng_for
 @dataclass(frozen=True)
 class Subject:
     kind: str = "square"
-    pattern: str = "checker"
+    pattern: str | None = None  # flat; "checker" / "stripes" draw rgb and rgb2
     rgb: tuple[int, int, int] = (255, 140, 0)  # orange
     rgb2: tuple[int, int, int] = (128, 0, 160)  # purple
     token: str = "sks"
 
     @property
     def instance_prompt(self) -> str:
-        return f"a photo of {self.token} {self.kind}"
+        return f"a {self.token} {self.kind}"
 
     @property
     def class_prompt(self) -> str:
-        return f"a photo of a {self.kind}"
+        return f"a {self.kind}"
 
 
 DEFAULT_SUBJECT = Subject()
