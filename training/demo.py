@@ -32,8 +32,9 @@ def parse_args(argv=None):
     p.add_argument("--pretrained_model_name_or_path", default=None, help="Base model (default: the embedded tiny model).")
     p.add_argument("--output_dir", default="outputs/demo")
     p.add_argument("--task", choices=["landmarks", "segmentation"], default="landmarks")
-    p.add_argument("--max_train_steps", type=int, default=1500)
+    p.add_argument("--max_train_steps", type=int, default=3000)
     p.add_argument("--learning_rate", type=float, default=3e-3)
+    p.add_argument("--lr_scheduler", default="cosine", help="Decaying the rate steadies the end of a short run.")
     p.add_argument("--train_batch_size", type=int, default=8)
     p.add_argument("--control_head_lr", type=float, default=None)
     p.add_argument("--timestep_sampling", choices=["uniform", "cubic"], default="cubic")
@@ -41,7 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--boft_n_butterfly_factors", type=int, default=3)
     p.add_argument("--num_eval", type=int, default=32, help="Held-out control images scored per k.")
     p.add_argument("--num_inference_steps", type=int, default=20)
-    p.add_argument("--guidance_scale", type=float, default=7.5)
+    p.add_argument("--guidance_scale", type=float, default=4.0, help="The tiny model's setting (docs/tiny_model.md).")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip_training", action="store_true", help="Reuse the adapter already in --output_dir.")
     return p.parse_args(argv)
@@ -64,6 +65,7 @@ def main(argv=None) -> dict:
             *(["--pretrained_model_name_or_path", args.pretrained_model_name_or_path] if args.pretrained_model_name_or_path else []),
             "--output_dir", adapter_dir, "--task", args.task, "--seed", str(args.seed),
             "--max_train_steps", str(args.max_train_steps), "--learning_rate", str(args.learning_rate),
+            "--lr_scheduler", args.lr_scheduler,
             "--train_batch_size", str(args.train_batch_size), "--boft_block_size", str(args.boft_block_size),
             "--boft_n_butterfly_factors", str(args.boft_n_butterfly_factors),
             "--timestep_sampling", args.timestep_sampling,
