@@ -41,7 +41,8 @@ def add_data_args(parser) -> None:
            "With several class prompts, one subfolder per prompt.")
     a("--class_prompt", nargs="+", default=None,
       help=f'The same prompt without the identifier, e.g. "a photo of a dog" (synthetic default: "{DEFAULT_SUBJECT.class_prompt}"). '
-           "More prompts (e.g. other things the model must keep drawing) add their own class images to the prior.")
+           "More prompts (e.g. other things the model must keep drawing) add their own class images to the prior; "
+           '"" keeps the unconditional prediction, which classifier-free guidance extrapolates from.')
     a("--with_prior_preservation", action="store_true", help="Add the prior-preservation loss on class images.")
     a("--prior_loss_weight", type=float, default=1.0, help="Weight of the prior-preservation loss.")
     a("--num_class_images", type=int, default=100,
@@ -223,7 +224,7 @@ def class_folders(class_dir: str | os.PathLike, prompts: list[str]) -> list[Path
     """The class folder itself for one class prompt (as diffusers), else one subfolder per prompt."""
     if len(prompts) == 1:
         return [Path(class_dir)]
-    return [Path(class_dir) / ("-".join(prompt_words(p)) or f"prompt{i}") for i, p in enumerate(prompts)]
+    return [Path(class_dir) / ("-".join(prompt_words(p)) or "empty-prompt") for p in prompts]
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
