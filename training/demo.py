@@ -32,7 +32,7 @@ def parse_args(argv=None):
     p.add_argument("--pretrained_model_name_or_path", default=None, help="Base model (default: the embedded tiny model).")
     p.add_argument("--output_dir", default="outputs/demo")
     p.add_argument("--task", choices=["landmarks", "segmentation"], default="landmarks")
-    p.add_argument("--max_train_steps", type=int, default=3000)
+    p.add_argument("--max_train_steps", type=int, default=4000)
     p.add_argument("--learning_rate", type=float, default=3e-3)
     p.add_argument("--lr_scheduler", default="cosine", help="Decaying the rate steadies the end of a short run.")
     p.add_argument("--train_batch_size", type=int, default=8)
