@@ -126,10 +126,11 @@ def test_several_class_prompts_get_their_own_class_images(tiny_sd_dir, tmp_path,
     monkeypatch.setattr(train_subject, "training_loss", lambda batch, *rest: seen.append(batch) or real_loss(batch, *rest))
     out = tmp_path / "run"
     train_subject.main(args_for(tiny_sd_dir, out, "--with_prior_preservation", "--num_class_images", "1",
-                                "--class_prompt", "a photo of a square", "a red circle", "--max_train_steps", "2"))
-    assert sorted(p.name for p in (out / "class_images").iterdir()) == ["a-photo-of-a-square", "a-red-circle"]
+                                "--class_prompt", "a photo of a square", "a red circle", "", "--max_train_steps", "2"))
+    # "" (the unconditional prior) gets a folder of its own too.
+    assert sorted(p.name for p in (out / "class_images").iterdir()) == ["a-photo-of-a-square", "a-red-circle", "empty-prompt"]
     assert all(len(list(p.iterdir())) == 1 for p in (out / "class_images").iterdir())
-    assert sorted(i for batch in seen for i in batch["class_prompt_index"].tolist()) == [0, 0, 1, 1]
+    assert sorted(i for batch in seen for i in batch["class_prompt_index"].tolist()) == [0, 0, 1, 2]
     saved = json.loads((out / "subject.json").read_text())
     assert saved["class_prompt"] == "a photo of a square" and saved["class_prompts"][1] == "a red circle"
 

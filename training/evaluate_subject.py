@@ -2,7 +2,7 @@
 
     python training/evaluate_subject.py --adapter subject=outputs/subject --compare_base
     python training/evaluate_subject.py --adapter control=outputs/demo/adapter --adapter subject=outputs/subject \\
-        --prompts "a photo of sks square" --ablate                      # composition: R_control R_subject
+        --prompts "a sks square" --ablate                               # composition: R_control R_subject
     python training/evaluate_subject.py --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 \\
         --adapter outputs/dog --instance_data_dir dog/ --prompts "a photo of sks dog in the snow" \\
         --dino_model facebook/dino-vits16 --clip_model openai/clip-vit-base-patch32
