@@ -39,7 +39,12 @@ import boft_diffusion
 from boft_diffusion.attention import select_backend
 from boft_diffusion.config import BOFTConfig
 from boft_diffusion.control import ControlHead, control_residual
-from boft_diffusion.identifier import attach_identifier, detach_identifier, load_identifier_embeddings
+from boft_diffusion.identifier import (
+    attach_identifier,
+    detach_identifier,
+    load_identifier_embeddings,
+    save_identifier_embeddings,
+)
 from boft_diffusion.unet import adapter_names, boft_configs, boft_processors, require_adapter, rotations
 
 logger = logging.getLogger(__name__)
@@ -138,8 +143,12 @@ class BOFTPipeline(StableDiffusionPipeline):
         return [n for n in self.boft_adapters if n in active]
 
     def save_boft(self, save_directory: str | os.PathLike, adapter_name: str | None = None) -> Path:
-        """Write one adapter (+ the control head in `control_head/`) in the layout `load_boft` reads."""
+        """Write one adapter (+ the control head in `control_head/`, + its learned identifier
+        embeddings) in the layout `load_boft` reads."""
         folder = boft_diffusion.save_boft(self.unet, save_directory, adapter_name)
+        identifier = self._identifiers.get(require_adapter(self.unet, adapter_name))
+        if identifier is not None:
+            save_identifier_embeddings(identifier, folder)
         if self.control_head is not None:
             self.control_head.save_pretrained(folder / CONTROL_HEAD_FOLDER)
         return folder

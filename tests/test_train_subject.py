@@ -3,6 +3,9 @@ images generated once and kept, EXIF, and clear errors for bad folders and promp
 
 import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +100,7 @@ def test_prior_batches_outputs_and_resume(tiny_sd_dir, tmp_path, monkeypatch):
     without = [pipe.encode_prompt(p, "cpu", 1, False)[0] for p in ("a photo of sks square", "a photo of a square")]
     assert (with_identifier[0] - without[0]).abs().max() > 1e-4
     torch.testing.assert_close(with_identifier[1], without[1], atol=0, rtol=0)
+    torch.testing.assert_close(load_file(str(pipe.save_boft(tmp_path / "resaved") / IDENTIFIER_FILE)), learned, atol=0, rtol=0)
 
     # Kill after the step-2 checkpoint, resume from "latest": the same adapter as the straight run.
     killed = tmp_path / "killed"
@@ -118,6 +122,26 @@ def test_prior_batches_outputs_and_resume(tiny_sd_dir, tmp_path, monkeypatch):
     assert resumed.keys() == trained.keys()
     for key in trained:
         torch.testing.assert_close(resumed[key], trained[key], atol=1e-6, rtol=0, msg=key)
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_with_identifier_embedding(tiny_sd_dir, tmp_path):
+    """The identifier embedding is called from a hook inside the text encoder; under DDP its
+    gradients must still be averaged across processes, like the adapter's."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    extra = [*PRIOR, *IDENTIFIER, "--checkpointing_steps", "100", "--class_data_dir", str(tmp_path / "class")]
+    train_subject.main(args_for(tiny_sd_dir, one, *extra))
+    argv = args_for(tiny_sd_dir, two, *extra)
+    argv[argv.index("--train_batch_size") + 1] = "1"  # 2 processes x 1 = the same global batch of 2
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(root / "training" / "train_subject.py"), *argv],
+        check=True, cwd=root, env=env, timeout=600,
+    )
+    torch.testing.assert_close(load_file(str(two / IDENTIFIER_FILE)), load_file(str(one / IDENTIFIER_FILE)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(weights(two), weights(one), atol=1e-5, rtol=0)
 
 
 def test_several_class_prompts_get_their_own_class_images(tiny_sd_dir, tmp_path, monkeypatch):
