@@ -331,8 +331,8 @@ def register_checkpoint_hooks(accelerator: Accelerator, unet, control_head: Cont
                 save_boft(unet, os.path.join(folder, "boft"))
             elif control_head is not None and inner is control_head:
                 control_head.save_pretrained(os.path.join(folder, "control_head"))
-            elif identifier is not None and inner is identifier:
-                save_identifier_embeddings(identifier, os.path.join(folder, "boft"))
+        if identifier is not None:  # not an accelerate model: see train_subject
+            save_identifier_embeddings(identifier, os.path.join(folder, "boft"))
         weights.clear()
 
     def load_hook(models, folder):
@@ -343,12 +343,20 @@ def register_checkpoint_hooks(accelerator: Accelerator, unet, control_head: Cont
             elif control_head is not None and inner is control_head:
                 loaded = ControlHead.from_pretrained(os.path.join(folder, "control_head"))
                 control_head.load_state_dict(loaded.state_dict())
-            elif identifier is not None and inner is identifier:
-                load_identifier_values(identifier, os.path.join(folder, "boft"))
             models.remove(model)
+        if identifier is not None:
+            load_identifier_values(identifier, os.path.join(folder, "boft"))
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
+
+
+def average_gradients(accelerator: Accelerator, params) -> None:
+    """Mean of each gradient over processes, for parameters trained outside a DDP-wrapped model."""
+    if accelerator.num_processes > 1:
+        for p in params:
+            if p.grad is not None:
+                p.grad = accelerator.reduce(p.grad, "mean")
 
 
 @torch.no_grad()

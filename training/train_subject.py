@@ -186,11 +186,12 @@ def main(argv=None) -> dict:
     )
     unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
     if identifier is not None:
-        identifier = accelerator.prepare(identifier)
-        attach_identifier(text_encoder, identifier)  # validation images use it too
+        # Called from a hook inside the text encoder, also by validation on the main process
+        # alone, so not DDP-wrapped (its forward would wait for the other processes): its
+        # gradients are averaged by hand, its checkpoints written by the checkpoint hooks.
+        attach_identifier(text_encoder, identifier)
     base_unet = accelerator.unwrap_model(unet)
-    base_identifier = accelerator.unwrap_model(identifier) if identifier is not None else None
-    common.register_checkpoint_hooks(accelerator, base_unet, None, base_identifier)
+    common.register_checkpoint_hooks(accelerator, base_unet, None, identifier)
 
     validator = SubjectValidator(
         args, model_path, resolution, vae, text_encoder, tokenizer, base_unet, weight_dtype, accelerator,
@@ -210,7 +211,7 @@ def main(argv=None) -> dict:
         batches.position(epoch, micro)  # same order for straight and resumed runs
         dataset.set_epoch(epoch)  # and the same random crops
         for batch in dataloader:
-            with accelerator.accumulate(unet, *([identifier] if identifier is not None else [])):
+            with accelerator.accumulate(unet):
                 step_key = epoch * batches_per_epoch + micro  # which micro-batch of the run this is
                 first = step_key * global_batch + accelerator.process_index * local_batch
                 indices = list(range(first, first + batch["instance_pixel_values"].shape[0]))
@@ -222,6 +223,7 @@ def main(argv=None) -> dict:
                 )
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
+                    common.average_gradients(accelerator, identifier_params)
                     accelerator.clip_grad_norm_(adapter_params + identifier_params, args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
@@ -244,8 +246,8 @@ def main(argv=None) -> dict:
                  f"{'on, weight ' + str(args.prior_loss_weight) if args.with_prior_preservation else 'off'})" if args.class_prompt else "")
                  + ".\n")
         common.save_final(args.output_dir, base_unet, None, card)
-        if base_identifier is not None:
-            save_identifier_embeddings(base_identifier, args.output_dir)
+        if identifier is not None:
+            save_identifier_embeddings(identifier, args.output_dir)
         subject = {"instance_prompt": args.instance_prompt, "class_prompt": args.class_prompt, "class_prompts": args.class_prompts,
                    "identifier": args.identifier, "instance_data_dir": os.path.abspath(instance_dir)}
         Path(args.output_dir, SUBJECT_FILE).write_text(json.dumps(subject, indent=2))
