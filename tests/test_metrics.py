@@ -13,6 +13,7 @@ from boft_diffusion.data import (
     render,
     sample_scene,
     segmentation,
+    Subject,
     subject_images,
 )
 from boft_diffusion.data.shapes import Scene, Shape
@@ -144,9 +145,10 @@ def test_transformers_segmenter_wiring_with_tiny_random_segformer(tmp_path):
 # ---- subject -----------------------------------------------------------------------------
 
 def test_subject_similarity_identical_other_views_flat_and_empty():
-    refs = subject_images(4, seed=0)
+    checkered = Subject(pattern="checker")  # texture matters: a flat square of its colour scores lower
+    refs = subject_images(4, seed=0, subject=checkered)
     assert subject_similarity(refs[:1], refs[:1]) == pytest.approx(1.0)
-    views = subject_similarity(subject_images(3, seed=1), refs)
+    views = subject_similarity(subject_images(3, seed=1, subject=checkered), refs)
     flat = render(Scene(32, "white", (Shape("square", "x", 16, 16, 10, 5, rgb=(255, 140, 0)),)))
     flat_score = subject_similarity([flat], refs)
     other = subject_similarity([render(s) for s in scenes(10)], refs)
