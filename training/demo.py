@@ -65,7 +65,7 @@ def main(argv=None) -> dict:
             *(["--pretrained_model_name_or_path", args.pretrained_model_name_or_path] if args.pretrained_model_name_or_path else []),
             "--output_dir", adapter_dir, "--task", args.task, "--seed", str(args.seed),
             "--max_train_steps", str(args.max_train_steps), "--learning_rate", str(args.learning_rate),
-            "--lr_scheduler", args.lr_scheduler,
+            "--lr_scheduler", args.lr_scheduler, "--guidance_scale", str(args.guidance_scale),
             "--train_batch_size", str(args.train_batch_size), "--boft_block_size", str(args.boft_block_size),
             "--boft_n_butterfly_factors", str(args.boft_n_butterfly_factors),
             "--timestep_sampling", args.timestep_sampling,
@@ -105,7 +105,7 @@ def main(argv=None) -> dict:
     results["train_seconds"] = round(trained_s, 1)
     results["num_eval"] = args.num_eval
 
-    shown = 4
+    shown = min(4, len(controls))
     grid_rows = [[controls[i]] + [columns[k][i] for k in range(m, -1, -1)] + [base_images[i]] for i in range(shown)]
     labels = ["control"] + [f"k={k}" for k in range(m, -1, -1)] + ["base"]
     grid = interpolation_grid(grid_rows, labels, cell_size=96)

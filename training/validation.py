@@ -87,7 +87,7 @@ class ControlValidator:
                 images = [
                     self.pipeline(
                         prompt, control_image=control, height=self.resolution, width=self.resolution,
-                        num_inference_steps=self.args.num_inference_steps,
+                        num_inference_steps=self.args.num_inference_steps, guidance_scale=self.args.guidance_scale,
                         generator=torch.Generator().manual_seed(self.args.seed + i),
                     ).images[0]
                     for i, (prompt, control) in enumerate(zip(self.prompts, self.controls))
