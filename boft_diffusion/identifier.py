@@ -71,8 +71,8 @@ def new_identifier_embeddings(text_encoder, tokenizer, words: list[str], class_p
 
 
 def attach_identifier(text_encoder, embeddings) -> None:
-    """Swap the identifier rows in on every text-encoder call; `embeddings` is an
-    IdentifierEmbeddings or its accelerate-prepared wrapper (whose forward syncs gradients)."""
+    """Swap the identifier rows in on every text-encoder call; `embeddings` is any callable
+    (input_ids, embeds) -> embeds, e.g. an IdentifierEmbeddings."""
     detach_identifier(text_encoder)
     layer = text_encoder.get_input_embeddings()
     layer.__dict__[_HOOK_ATTR] = layer.register_forward_hook(lambda _, args, out: embeddings(args[0], out))

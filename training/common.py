@@ -56,6 +56,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     a("--validation_prompt", nargs="+", default=None, help="Prompts for validation images.")
     a("--validation_steps", type=int, default=100, help="Validate every N steps (and at the end).")
     a("--num_inference_steps", type=int, default=20, help="Denoising steps for validation images.")
+    a("--guidance_scale", type=float, default=7.5,
+      help="Classifier-free guidance for validation images (and, in train_subject, class images).")
     a("--report_to", default="tensorboard", help='"tensorboard", "wandb", "all" or "none".')
     a("--logging_dir", default="logs", help="TensorBoard folder, relative to output_dir.")
     a("--enable_xformers_memory_efficient_attention", action="store_true",

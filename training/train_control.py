@@ -42,7 +42,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--validation_image", nargs="+", default=None,
                         help="Control images for validation (default: held-out synthetic controls).")
     parser.add_argument("--num_validation_images", type=int, default=4, help="Synthetic validation controls.")
-    parser.add_argument("--guidance_scale", type=float, default=7.5, help="Classifier-free guidance for validation images.")
     parser.add_argument("--control_head_lr", type=float, default=None,
                         help="Learning rate of the control head (default: --learning_rate).")
     parser.add_argument("--control_head_channels", type=int, nargs="+", default=None,

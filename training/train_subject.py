@@ -60,7 +60,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     common.add_boft_args(parser)
     add_data_args(parser)
     parser.add_argument("--num_validation_images", type=int, default=4, help="Validation images per validation prompt.")
-    parser.add_argument("--guidance_scale", type=float, default=7.5, help="Classifier-free guidance for validation and class images.")
     parser.add_argument("--train_identifier_embedding", action="store_true",
                         help="Also learn the input embedding of the identifier's token(s) (pivotal tuning, like diffusers' "
                              "--train_text_encoder_ti), for text encoders that never learned the identifier (the embedded "
