@@ -2,8 +2,10 @@
 
 Plain Python on top of `BOFTPipeline`, so tests call it directly. Gradio appears only as
 `gr.Error`: every failure a user can cause (a missing control image, an upload that is not an
-image, an adapter made for another model) reaches the page as the library's message, and the
-server keeps running.
+image, an adapter made for another model) reaches the page as the library's message, with server
+paths cut out (`security.client_message`; the log keeps the full text), and the server keeps running.
+Every request is checked against `limits.Limits` here, so the API gets the page's caps too; control
+files named by a client are opened only through `security.ControlFiles`.
 
 One `ModelHolder` serves every visitor. The pipeline's state (active adapter, active factors,
 fused weights) is shared, so each call sets the state it needs under one lock; the Gradio queue
@@ -35,6 +37,9 @@ from boft_diffusion import tiny
 from boft_diffusion.unet import parameter_count
 from pipelines import BOFTPipeline, interpolation_grid
 
+from .limits import Cancelled, Limits
+from .security import ControlFiles, client_message
+
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -52,21 +57,22 @@ USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionErro
 
 @contextlib.contextmanager
 def user_errors(prefix: str = ""):
-    """Turn the library's ValueError / FileNotFoundError into a gr.Error with the same message."""
+    """Turn the library's ValueError / FileNotFoundError into a gr.Error with the same message, paths cut."""
     try:
         yield
     except gr.Error:
         raise
     except USER_ERRORS as err:
-        raise gr.Error(f"{prefix}{err}", print_exception=False) from err
+        logger.warning("%s%s", prefix, err)
+        raise gr.Error(client_message(f"{prefix}{err}"), print_exception=False) from err
 
 
 def shown_path(path: str) -> str:
-    """A path as the page shows it: relative to the working directory when inside it."""
+    """A path as the page shows it: relative to the working directory when inside it, else its last part."""
     try:
         return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
     except (ValueError, OSError):
-        return str(path)
+        return Path(path).name if os.path.isabs(path) else str(path)
 
 
 def kernel_label(device, dtype: torch.dtype) -> str:
@@ -113,18 +119,22 @@ def parse_adapter_spec(spec: str, taken: Sequence[str] = ()) -> tuple[str, str]:
     return name, path
 
 
-def open_control_image(value) -> PIL.Image.Image | None:
+def open_control_image(value, files: ControlFiles) -> PIL.Image.Image | None:
     """A control input as Gradio hands it over -> RGB PIL image (None when empty).
 
     Takes a PIL image, an (H, W[, C]) uint8 array, a file path, or Gradio's raw file payload
-    (a dict with "path" or a data: "url"); a file that is not an image raises a ValueError that says so.
+    (a dict with "path" or a data: "url"). Paths are the client's word, so they are read through
+    `files` (allowed folders, regular files, size cap); the pixel size is checked from the header
+    before decoding. A file that is not an image raises a ValueError that says so.
     """
+    limits = files.limits
     if value is None:
         return None
-    if isinstance(value, PIL.Image.Image):
-        return value.convert("RGB")
     if isinstance(value, np.ndarray):
-        return PIL.Image.fromarray(value.astype(np.uint8)).convert("RGB")
+        value = PIL.Image.fromarray(value.astype(np.uint8))
+    if isinstance(value, PIL.Image.Image):
+        limits.check_image_size(*value.size)
+        return value.convert("RGB")
     name = None
     if isinstance(value, dict):
         name = value.get("orig_name")
@@ -132,16 +142,30 @@ def open_control_image(value) -> PIL.Image.Image | None:
         if value.get("path"):
             value = value["path"]
         elif url.startswith("data:"):
-            value = io.BytesIO(base64.b64decode(url.split(",", 1)[-1]))
+            encoded = url.split(",", 1)[-1]
+            if len(encoded) * 3 // 4 > limits.max_upload_bytes:
+                raise ValueError(files.too_big(len(encoded) * 3 // 4))
+            value = base64.b64decode(encoded)
         else:
             return None
-    name = name or (os.path.basename(value) if isinstance(value, (str, os.PathLike)) else "the upload")
+    if not isinstance(value, bytes):
+        name = name or (os.path.basename(value) if isinstance(value, (str, os.PathLike)) else None)
+        value = files.read(value)
+    not_an_image = f"The control image {name or 'the upload'!r} is not an image (PNG, JPEG, WebP, ...) that PIL can read."
     try:
-        with PIL.Image.open(value) as image:
+        image = PIL.Image.open(io.BytesIO(value))  # reads the header only
+    except PIL.Image.DecompressionBombError as err:
+        raise ValueError(f"The control image has too many pixels for this server "
+                         f"(at most {limits.max_image_size} px a side, --max_image_size).") from err
+    except (OSError, SyntaxError, ValueError) as err:  # UnidentifiedImageError is an OSError
+        raise ValueError(not_an_image) from err
+    with image:
+        limits.check_image_size(*image.size)
+        try:
             image.load()
             return PIL.ImageOps.exif_transpose(image).convert("RGB")
-    except (PIL.UnidentifiedImageError, OSError, ValueError) as err:
-        raise ValueError(f"The control image {name!r} is not an image (PNG, JPEG, WebP, ...) that PIL can read.") from err
+        except (OSError, SyntaxError, ValueError) as err:  # truncated or corrupt data
+            raise ValueError(not_an_image) from err
 
 
 def synthetic_control(kind: str = "landmarks", seed: int = 0, size: int = 32) -> tuple[PIL.Image.Image, str]:
@@ -199,6 +223,7 @@ class Generation:
     steps: int
     refuse_ms: float
     seconds: float
+    ks: list[int] | None = None  # a strip's columns
 
     def status(self) -> str:
         sampled = f"seed {self.seed}, {self.steps} steps, sampled in {self.seconds:.2f} s"
@@ -217,10 +242,13 @@ class ModelHolder:
     model: a diffusers Stable Diffusion folder or hub id (default: the embedded tiny model).
     adapters: adapter folders ("NAME=FOLDER" to name one). One that fails to load (another
         model's, missing, corrupt) is skipped and its message kept in `load_errors` for the page.
+    limits: the server's caps on each request (steps, control image, strip, adapters).
     """
 
     def __init__(self, model: str | None = None, adapters: Sequence[str] = (), device: str | None = None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, limits: Limits | None = None):
+        self.limits = limits or Limits()
+        self.control_files = ControlFiles(self.limits)
         self.model = model or default_model()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or torch.float32
@@ -254,6 +282,13 @@ class ModelHolder:
             name, path = parse_adapter_spec(str(spec), tuple(self.adapters))
             if not Path(path).is_dir():
                 raise FileNotFoundError(f"No adapter folder at {path}.")
+            loaded = next((a.name for a in self.adapters.values() if Path(a.path).resolve() == Path(path).resolve()), None)
+            if loaded is not None:  # the same folder again: switch to it instead of holding a copy
+                self._activate(loaded)
+                return loaded
+            if len(self.adapters) >= self.limits.max_adapters:
+                raise ValueError(f"This server holds at most {self.limits.max_adapters} adapters (--max_adapters); "
+                                 f"{', '.join(self.adapters)} are loaded.")
             before = self.pipe.control_head
             self.pipe.register_modules(control_head=None)  # so the head loaded now is this adapter's own
             try:
@@ -307,8 +342,7 @@ class ModelHolder:
             return (time.perf_counter() - started) * 1000
 
     # ------------------------------------------------------------------ sampling
-    def _control_for(self, name: str | None, control) -> PIL.Image.Image | None:
-        image = open_control_image(control)
+    def _control_for(self, name: str | None, image: PIL.Image.Image | None) -> PIL.Image.Image | None:
         head = self.adapters[name].head if name is not None else None
         if head is None:
             return None  # the base model and head-less adapters take no control image
@@ -319,59 +353,80 @@ class ModelHolder:
             )
         return image
 
+    def _check_request(self, prompt, negative_prompt, seed, steps, guidance, adapter, control):
+        """The request's values within this server's limits, and its control image opened (outside the lock,
+        so a slow or hostile upload never holds the pipeline): (prompt, negative, seed, steps, guidance, image)."""
+        limits = self.limits
+        if adapter is not None and not isinstance(adapter, str):
+            raise ValueError(f"Adapter must be a name, got {type(adapter).__name__}.")
+        return (limits.check_prompt(prompt), limits.check_prompt(negative_prompt, "Negative prompt"),
+                limits.check_seed(seed), limits.check_steps(steps), limits.check_guidance(guidance),
+                open_control_image(control, self.control_files))
+
     @staticmethod
-    def _call_kwargs(negative_prompt, steps, guidance, progress: Progress | None, calls: int = 1) -> dict:
-        """Pipeline keywords; `progress` hears every denoising step of all `calls` pipeline calls."""
-        steps = int(steps)
-        if steps < 1:
-            raise ValueError(f"Steps must be at least 1, got {steps}.")
-        kwargs = dict(negative_prompt=negative_prompt or None, num_inference_steps=steps, guidance_scale=float(guidance))
-        if progress is not None:
-            total, done = calls * steps, [0]
+    def _call_kwargs(negative_prompt, steps, guidance, progress: Progress | None, should_stop: Callable[[], bool] | None,
+                     calls: int = 1) -> dict:
+        """Pipeline keywords; after every denoising step of all `calls` pipeline calls `progress` hears of it
+        and `should_stop` may end the request (raising `Cancelled`)."""
+        kwargs = dict(negative_prompt=negative_prompt or None, num_inference_steps=steps, guidance_scale=guidance)
+        total, done = calls * steps, [0]
 
-            def on_step(pipe, i, t, tensors):
-                done[0] += 1
+        def on_step(pipe, i, t, tensors):
+            done[0] += 1
+            if should_stop is not None and should_stop():
+                raise Cancelled(f"Cancelled after {done[0]} of {total} denoising steps.")
+            if progress is not None:
                 progress(min(done[0], total), total)
-                return tensors
+            return tensors
 
+        if progress is not None or should_stop is not None:
             kwargs["callback_on_step_end"] = on_step
         return kwargs
 
     def generate(self, prompt: str, control=None, negative_prompt: str = "", seed: int = 0, steps: int = 20,
                  guidance: float = 7.5, k: int | None = None, adapter: str | None = None,
-                 progress: Progress | None = None) -> Generation:
-        """One image from `seed` with k active butterfly factors of `adapter` (default: all, active adapter)."""
+                 progress: Progress | None = None, should_stop: Callable[[], bool] | None = None) -> Generation:
+        """One image from `seed` with k active butterfly factors of `adapter` (default: all, active adapter).
+
+        `should_stop` is polled after every step: True stops sampling with `Cancelled`."""
+        with user_errors():
+            prompt, negative_prompt, seed, steps, guidance, image = self._check_request(
+                prompt, negative_prompt, seed, steps, guidance, adapter, control)
         with user_errors(), self.lock:
             name = adapter or self.default_adapter()
             refuse_ms = self.set_k(k, name)
-            image = self._control_for(name, control)
-            kwargs = self._call_kwargs(negative_prompt, steps, guidance, progress)
+            image = self._control_for(name, image)
+            kwargs = self._call_kwargs(negative_prompt, steps, guidance, progress, should_stop)
             started = time.perf_counter()
-            out = self.pipe(prompt or "", control_image=image, generator=torch.Generator("cpu").manual_seed(int(seed)),
-                            **kwargs)
+            out = self.pipe(prompt, control_image=image, generator=torch.Generator("cpu").manual_seed(seed), **kwargs)
             k_now = sum(self.pipe.active_factors(name)) if name is not None else 0
-            return Generation(out.images[0], name, k_now, self.factors(name), int(seed), int(steps), refuse_ms,
+            return Generation(out.images[0], name, k_now, self.factors(name), seed, steps, refuse_ms,
                               time.perf_counter() - started)
 
     def strip(self, prompt: str, control=None, negative_prompt: str = "", seed: int = 0, steps: int = 20,
-              guidance: float = 7.5, adapter: str | None = None, progress: Progress | None = None) -> Generation:
-        """The interpolation strip: [control,] k = m, m-1, ..., 0 side by side, all from the same seed."""
+              guidance: float = 7.5, adapter: str | None = None, progress: Progress | None = None,
+              should_stop: Callable[[], bool] | None = None) -> Generation:
+        """The interpolation strip: [control,] k = m, m-1, ..., 0 side by side, all from the same seed
+        (at most `limits.max_strip_images` of them: then k spread evenly from m to 0)."""
+        with user_errors():
+            prompt, negative_prompt, seed, steps, guidance, image = self._check_request(
+                prompt, negative_prompt, seed, steps, guidance, adapter, control)
         with user_errors(), self.lock:
             name = adapter or self.default_adapter()
             if name is None:
                 raise gr.Error(NO_ADAPTER_HELP, print_exception=False)
             self.set_k(None, name)
-            image = self._control_for(name, control)
+            image = self._control_for(name, image)
             m = self.adapters[name].factors
-            kwargs = self._call_kwargs(negative_prompt, steps, guidance, progress, calls=m + 1)
+            ks = self.limits.strip_ks(m)
+            kwargs = self._call_kwargs(negative_prompt, steps, guidance, progress, should_stop, calls=len(ks))
             started = time.perf_counter()
-            images = self.pipe.interpolate(prompt or "", image, ks=range(m, -1, -1), adapter_name=name,
-                                           seed=int(seed), **kwargs)
+            images = self.pipe.interpolate(prompt, image, ks=ks, adapter_name=name, seed=seed, **kwargs)
             cells = ([image] if image is not None else []) + images
-            labels = (["control"] if image is not None else []) + [f"k={k}" for k in range(m, -1, -1)]
+            labels = (["control"] if image is not None else []) + [f"k={k}" for k in ks]
             cell = None if images[0].width >= 96 else 96  # upscale (nearest) small models' images for the page
             grid = interpolation_grid([cells], labels, cell_size=cell)
-            return Generation(grid, name, m, m, int(seed), int(steps), 0.0, time.perf_counter() - started)
+            return Generation(grid, name, m, m, seed, steps, 0.0, time.perf_counter() - started, ks=ks)
 
     # ------------------------------------------------------------------ what the page shows
     def info(self, adapter: str | None = None) -> str:

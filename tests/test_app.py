@@ -6,7 +6,9 @@ that every butterfly factor, the head and the learned scale s change the image.
 
 from __future__ import annotations
 
+import shutil
 import socket
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import gradio as gr
@@ -14,9 +16,13 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from pathlib import Path
+
 from safetensors.torch import load_file
 
 from app.handlers import ModelHolder, kernel_label, open_control_image, parse_adapter_spec, synthetic_control
+from app.limits import Limits
+from app.security import REFUSED_CONTROL, ControlFiles
 from boft_diffusion import BOFTConfig, add_boft, save_boft
 from boft_diffusion.control import ControlHead
 from boft_diffusion.unet import randomize_boft
@@ -42,6 +48,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def in_upload_folder(name: str) -> Path:
+    """A fresh path inside Gradio's upload folder, where the app takes a client's files from."""
+    from gradio.utils import get_upload_folder
+
+    folder = Path(get_upload_folder()) / f"test-{uuid.uuid4().hex}"
+    folder.mkdir(parents=True)
+    return folder / name
 
 
 def pixels(image) -> np.ndarray:
@@ -161,9 +176,14 @@ def test_bad_input_is_a_gradio_error_and_the_holder_keeps_working(holder, contro
     image, prompt = control
     with pytest.raises(gr.Error, match="trained with a control image: upload one"):
         holder.generate(prompt, None, **SAMPLING)
-    (tmp_path / "notes.txt").write_text("not an image")
+    notes = in_upload_folder("notes.txt")
+    notes.write_text("not an image")
     with pytest.raises(gr.Error, match="'notes.txt' is not an image"):
-        holder.generate(prompt, {"path": str(tmp_path / "notes.txt"), "orig_name": "notes.txt"}, **SAMPLING)
+        holder.generate(prompt, {"path": str(notes), "orig_name": "notes.txt"}, **SAMPLING)
+    image.save(tmp_path / "c.png")
+    with pytest.raises(gr.Error) as outside:  # a real image, but not one the client uploaded
+        holder.generate(prompt, {"path": str(tmp_path / "c.png")}, **SAMPLING)
+    assert outside.value.message == REFUSED_CONTROL
     with pytest.raises(gr.Error, match=r"Adapter not loaded: .*another model|Adapter not loaded: .*does not fit"):
         holder.load_adapter(str(other_model_adapter))
     with pytest.raises(gr.Error, match="No adapter folder"):
@@ -205,21 +225,36 @@ def test_adapter_specs_and_control_inputs(tmp_path):
     image, caption = synthetic_control("landmarks", 0)
     assert image.size == (32, 32) and caption
     image.save(tmp_path / "c.png")
-    assert np.array_equal(pixels(open_control_image(str(tmp_path / "c.png"))), pixels(image))
-    assert open_control_image(None) is None and open_control_image({"path": None, "url": None}) is None
+    files = ControlFiles(Limits())
+    with pytest.raises(ValueError, match="the server opens no other file"):
+        open_control_image(str(tmp_path / "c.png"), files)
+    files.allow([tmp_path / "c.png"])  # as the page does for the examples it writes
+    assert np.array_equal(pixels(open_control_image(str(tmp_path / "c.png"), files)), pixels(image))
+    assert open_control_image(None, files) is None and open_control_image({"path": None, "url": None}, files) is None
 
 
 # ---------------------------------------------------------------------------------------------- served app
 
 
 @pytest.fixture(scope="module")
-def served(holder, tmp_path_factory):
+def adapter_root(tmp_path_factory, adapter_dir, other_model_adapter):
+    """The server's adapter folder: demo/adapter (loads), other/adapter (another model's), notes/ (no adapter)."""
+    root = tmp_path_factory.mktemp("adapters")
+    shutil.copytree(adapter_dir, root / "demo" / "adapter")
+    shutil.copytree(other_model_adapter, root / "other" / "adapter")
+    (root / "notes").mkdir()
+    (root / "notes" / "README.md").write_text("no adapter here")
+    return root
+
+
+@pytest.fixture(scope="module")
+def served(holder, adapter_root, tmp_path_factory):
     """The page on 127.0.0.1 (a free port) and a gradio_client connected to it."""
     from gradio_client import Client
 
     from app.ui import build, launch
 
-    demo = build(holder)
+    demo = build(holder, adapter_root)
     port = free_port()
     launch(demo, port=port, block=False, quiet=True)
     try:
@@ -268,8 +303,9 @@ def test_client_errors_show_and_the_app_keeps_serving(served, control, tmp_path,
         call(served, prompt, "", None, *rest, api_name="/generate")
     with pytest.raises(AppError, match="'notes.txt' is not an image"):
         call(served, prompt, "", handle_file(str(tmp_path / "notes.txt")), *rest, api_name="/generate")
-    with pytest.raises(AppError, match="Adapter not loaded"):
-        call(served, str(other_model_adapter), api_name="/load_adapter")
+    with pytest.raises(AppError, match="Adapter not loaded") as other:
+        call(served, "other/adapter", api_name="/load_adapter")
+    assert "/tmp" not in str(other.value) and "pytest-of" not in str(other.value), "no server paths to clients"
     out, status = call(served, prompt, "", handle_file(str(tmp_path / "control.png")), *rest, api_name="/generate")
     assert PIL.Image.open(out).size == (32, 32) and "factors active" in status
 
@@ -282,15 +318,46 @@ def test_main_loads_model_and_adapters_then_launches(monkeypatch, tiny_sd_dir, a
     import app.ui
 
     launched = {}
-    monkeypatch.setattr(app.ui, "launch", lambda demo, host, port: launched.update(demo=demo, host=host, port=port))
+    monkeypatch.setattr(app.ui, "launch", lambda demo, **kwargs: launched.update(demo=demo, **kwargs))
+    monkeypatch.delenv("BOFT_APP_AUTH", raising=False)
     threads = torch.get_num_threads()
     try:
         entry.main(["--model", tiny_sd_dir, "--adapter", f"ctrl={adapter_dir}", "--port", "7999", "--threads", "2"])
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
-    assert (launched["host"], launched["port"]) == ("127.0.0.1", 7999)
+    assert (launched["host"], launched["port"], launched["auth"]) == ("127.0.0.1", 7999, [])
+    assert launched["max_file_size"] == Limits().max_upload_bytes == 10 * 2**20
     assert isinstance(launched["demo"], gr.Blocks)
+    assert {"generate", "strip", "load_adapter", "list_adapters"} <= api_names(launched["demo"])
+
+
+def api_names(demo) -> set[str]:
+    return {fn.api_name for fn in demo.fns.values() if fn.api_name}
+
+
+def test_main_serving_flags_auth_and_caps(monkeypatch, tiny_sd_dir, adapter_dir, tmp_path):
+    import app.__main__ as entry
+    import app.ui
+
+    launched = {}
+    monkeypatch.setattr(app.ui, "launch", lambda demo, **kwargs: launched.update(demo=demo, **kwargs))
+    monkeypatch.setenv("BOFT_APP_AUTH", "bob:from:env")
+    (tmp_path / "logins").write_text("# who may log in\nann:s3cret\n\n")
+    entry.main(["--model", tiny_sd_dir, "--adapter", str(adapter_dir), "--host", "0.0.0.0", "--auth_file",
+                str(tmp_path / "logins"), "--no_adapter_loading", "--max_steps", "30", "--max_upload_mb", "0.5",
+                "--threads", str(torch.get_num_threads())])
+    assert launched["host"] == "0.0.0.0" and launched["auth"] == [("ann", "s3cret"), ("bob", "from:env")]
+    assert launched["max_file_size"] == 2**19
+    assert not {"load_adapter", "list_adapters"} & api_names(launched["demo"]), "--no_adapter_loading"
+    steps = next(b for b in launched["demo"].blocks.values() if getattr(b, "label", None) == "Steps")
+    assert steps.maximum == 30
+    for argv, message in ((["--auth", "ann"], "--auth must be USER:PASSWORD"),
+                          (["--auth_file", str(tmp_path / "missing")], "--auth_file .*missing: cannot read it"),
+                          (["--max_steps", "0"], "--max_steps must be an integer of at least 1"),
+                          (["--max_strip_images", "1"], "--max_strip_images must be an integer of at least 2")):
+        with pytest.raises(SystemExit, match=f"boft-app: {message}"):
+            entry.main(["--model", tiny_sd_dir, *argv])
 
 
 def test_main_says_how_to_get_a_model(monkeypatch, tmp_path):
