@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training import common, train_control
+from training import checkpoints, train_control
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,17 +52,17 @@ def test_outputs_resume_and_validation_metrics(tiny_sd_dir, tmp_path, monkeypatc
 
     # Kill after the step-2 checkpoint, then resume from "latest": same adapter as the straight run.
     killed = tmp_path / "killed"
-    real_save = common.save_checkpoint
+    real_save = checkpoints.save_checkpoint
 
     def save_then_die(accelerator, output_dir, step, limit):
         real_save(accelerator, output_dir, step, limit)
         raise KeyboardInterrupt("killed after checkpoint")
 
-    monkeypatch.setattr(common, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train_control.main(args_for(tiny_sd_dir, killed))
-    monkeypatch.setattr(common, "save_checkpoint", real_save)
-    assert [p.name for p in common.list_checkpoints(killed)] == ["checkpoint-2"]
+    monkeypatch.setattr(checkpoints, "save_checkpoint", real_save)
+    assert [p.name for p in checkpoints.list_checkpoints(killed)] == ["checkpoint-2"]
     train_control.main(args_for(tiny_sd_dir, killed, "--resume_from_checkpoint", "latest"))
     assert_same(adapter(killed), trained)
 
@@ -71,7 +71,7 @@ def test_checkpoint_limit_and_half_written_checkpoints_are_ignored(tiny_sd_dir, 
     out = tmp_path / "run"
     (out / "checkpoint-99.tmp").mkdir(parents=True)  # a killed save: never picked by "latest"
     train_control.main(args_for(tiny_sd_dir, out, "--checkpointing_steps", "1", "--checkpoints_total_limit", "2"))
-    assert [p.name for p in common.list_checkpoints(out)] == ["checkpoint-3", "checkpoint-4"]
+    assert [p.name for p in checkpoints.list_checkpoints(out)] == ["checkpoint-3", "checkpoint-4"]
 
 
 @pytest.mark.slow
@@ -113,7 +113,7 @@ def test_missing_columns_and_unreadable_images_are_named(tiny_sd_dir, tmp_path):
 
 
 def test_unreadable_image_cell_is_reported():
-    from training.control_data import read_image
+    from training.images import read_image
 
     with pytest.raises(ValueError, match="image of row 3 could not be read as an image"):
         read_image({"bytes": b"not a png", "path": None}, "image of row 3")
@@ -134,7 +134,7 @@ def test_point_lists_and_class_maps_become_control_images():
     import numpy as np
     from PIL import Image
 
-    from boft_diffusion.data import SEG_PALETTE
+    from boft_diffusion.data import ADE20K_PALETTE
     from training.control_data import control_image_of
 
     args = argparse.Namespace(conditioning_image_column="conditioning_image", landmarks_column="landmarks", task="landmarks")
@@ -146,4 +146,4 @@ def test_point_lists_and_class_maps_become_control_images():
     classes[:, 32:] = 2
     rendered = np.asarray(control_image_of({"conditioning_image": Image.fromarray(classes, "L")}, args, 32, "row 0"))
     assert rendered.shape == (32, 32, 3)
-    assert (rendered[:, :14] == SEG_PALETTE[0]).all() and (rendered[:, 18:] == SEG_PALETTE[2]).all()
+    assert (rendered[:, :14] == 0).all() and (rendered[:, 18:] == ADE20K_PALETTE[1]).all()  # unlabelled, "building"

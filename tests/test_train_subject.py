@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from boft_diffusion.data import write_subject_folder
 from boft_diffusion.identifier import IDENTIFIER_FILE
 from pipelines import BOFTPipeline
-from training import common, subject_data, train_subject
+from training import checkpoints, subject_data, train_subject
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -53,13 +53,13 @@ def as_tensors(folder):
 
 def test_prior_batches_outputs_and_resume(tiny_sd_dir, tmp_path, monkeypatch):
     seen = []
-    real_loss = train_subject.training_loss
+    real_loss = train_subject.dreambooth_loss
 
-    def recording_loss(batch, *rest):
+    def recording_loss(run, batch, *rest):
         seen.append({k: v.clone() for k, v in batch.items()})
-        return real_loss(batch, *rest)
+        return real_loss(run, batch, *rest)
 
-    monkeypatch.setattr(train_subject, "training_loss", recording_loss)
+    monkeypatch.setattr(train_subject, "dreambooth_loss", recording_loss)
     straight = tmp_path / "straight"
     metrics = train_subject.main(args_for(tiny_sd_dir, straight, *PRIOR, *IDENTIFIER))
 
@@ -104,16 +104,16 @@ def test_prior_batches_outputs_and_resume(tiny_sd_dir, tmp_path, monkeypatch):
 
     # Kill after the step-2 checkpoint, resume from "latest": the same adapter as the straight run.
     killed = tmp_path / "killed"
-    real_save = common.save_checkpoint
+    real_save = checkpoints.save_checkpoint
 
     def save_then_die(accelerator, output_dir, step, limit):
         real_save(accelerator, output_dir, step, limit)
         raise KeyboardInterrupt("killed after checkpoint")
 
-    monkeypatch.setattr(common, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train_subject.main(args_for(tiny_sd_dir, killed, *PRIOR, *IDENTIFIER))
-    monkeypatch.setattr(common, "save_checkpoint", real_save)
+    monkeypatch.setattr(checkpoints, "save_checkpoint", real_save)
     made = {p.name: p.stat().st_mtime_ns for p in (killed / "class_images").iterdir()}
     train_subject.main(args_for(tiny_sd_dir, killed, *PRIOR, *IDENTIFIER, "--resume_from_checkpoint", "latest"))
     assert {p.name: p.stat().st_mtime_ns for p in (killed / "class_images").iterdir()} == made  # kept, not redrawn
@@ -146,8 +146,8 @@ def test_two_processes_equal_one_with_identifier_embedding(tiny_sd_dir, tmp_path
 
 def test_several_class_prompts_get_their_own_class_images(tiny_sd_dir, tmp_path, monkeypatch):
     seen = []
-    real_loss = train_subject.training_loss
-    monkeypatch.setattr(train_subject, "training_loss", lambda batch, *rest: seen.append(batch) or real_loss(batch, *rest))
+    real_loss = train_subject.dreambooth_loss
+    monkeypatch.setattr(train_subject, "dreambooth_loss", lambda run, batch, *rest: seen.append(batch) or real_loss(run, batch, *rest))
     out = tmp_path / "run"
     train_subject.main(args_for(tiny_sd_dir, out, "--with_prior_preservation", "--num_class_images", "1",
                                 "--class_prompt", "a photo of a square", "a red circle", "", "--max_train_steps", "2"))
@@ -262,3 +262,12 @@ def test_prompts_without_identifier_or_with_unknown_words(tiny_sd_dir, tmp_path,
         subject_data.check_prompt(tokenizer, long, "--instance_prompt", strict=True)
     with pytest.raises(ValueError, match="tokens long"):  # the trainer refuses it before training
         train_subject.main(args_for(tiny_sd_dir, tmp_path / "run", "--instance_prompt", long))
+
+
+def test_bf16_training_validates_and_saves(tiny_sd_dir, tmp_path):
+    """Validation (always at the last step) runs under the training dtype's autocast: it used to crash
+    on `Input type (float) and bias type (c10::BFloat16)`, so no adapter was saved."""
+    out = tmp_path / "bf16"
+    metrics = train_subject.main(args_for(tiny_sd_dir, out, "--mixed_precision", "bf16", "--max_train_steps", "1"))
+    assert "subject_prompts/subject_similarity" in metrics
+    assert all(v.dtype == torch.float32 for v in weights(out).values())

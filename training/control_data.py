@@ -9,12 +9,15 @@ rendered with a palette.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
 from boft_diffusion.data import SEG_PALETTE, make_dataset, render_landmarks
+from training.common import positive
+from training.images import read_image, to_rgb
 
 TASKS = ("landmarks", "segmentation")
 
@@ -30,30 +33,64 @@ def add_data_args(parser) -> None:
     a("--caption_column", default="text")
     a("--landmarks_column", default="landmarks",
       help="Column of point lists [[x, y], ...], rendered into control images when there is no control image column.")
-    a("--max_train_samples", type=int, default=None)
-    a("--synthetic_samples", type=int, default=2000, help="Size of the synthetic set used when no dataset is given.")
+    a("--max_train_samples", type=positive, default=None)
+    a("--synthetic_samples", type=positive, default=2000, help="Size of the synthetic set used when no dataset is given.")
     a("--proportion_empty_prompts", type=float, default=0.0, help="Share of captions replaced by '' (for CFG).")
 
 
-def load_control_dataset(args, resolution: int, split_seed_offset: int = 0):
-    """A `datasets.Dataset` with the configured columns; raises naming missing columns."""
+def load_control_dataset(args, resolution: int, split_seed_offset: int = 0) -> "ControlRows":
+    """The training rows (a hub or local dataset with the configured columns, or the synthetic set),
+    checked at start-up: missing columns, captions that are not text and empty metadata files are
+    named here; images are decoded (and named when unreadable) by `ControlRows`."""
+    from datasets import Image as ImageFeature
     from datasets import load_dataset
 
-    if args.dataset_name:
-        if os.path.isdir(args.dataset_name):
-            dataset = load_dataset("imagefolder", data_dir=args.dataset_name)["train"]
-        else:
-            dataset = load_dataset(args.dataset_name, args.dataset_config_name)["train"]
-    elif args.train_data_dir:
-        if not os.path.isdir(args.train_data_dir):
-            raise FileNotFoundError(f"--train_data_dir {args.train_data_dir} does not exist.")
-        dataset = load_dataset("imagefolder", data_dir=args.train_data_dir)["train"]
+    root = None
+    if args.dataset_name and not os.path.isdir(args.dataset_name):
+        dataset = load_dataset(args.dataset_name, args.dataset_config_name)["train"]
+    elif args.dataset_name or args.train_data_dir:
+        flag = "--dataset_name" if args.dataset_name else "--train_data_dir"
+        root = args.dataset_name or args.train_data_dir
+        dataset = load_image_folder(root, flag)
     else:
         dataset = make_dataset(args.task, args.synthetic_samples, seed=args.seed + split_seed_offset, size=resolution)
     check_columns(dataset.column_names, args)
     if args.max_train_samples is not None:
         dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
+    check_captions(dataset[args.caption_column], args.caption_column)
+    for column in (args.image_column, args.conditioning_image_column):  # decoded by ControlRows, which names bad rows
+        if isinstance(dataset.features.get(column), ImageFeature):
+            dataset = dataset.cast_column(column, ImageFeature(decode=False))
+    return ControlRows(dataset, args, resolution, root)
+
+
+def load_image_folder(folder: str, flag: str):
+    """A local imagefolder (images + metadata.jsonl/csv), or an error naming the folder or file."""
+    from datasets import load_dataset
+
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{flag} {folder} does not exist.")
+    for metadata in sorted(Path(folder).rglob("metadata.*")):
+        if metadata.suffix in (".jsonl", ".csv") and not any(line.strip() for line in metadata.open(errors="replace")):
+            raise ValueError(f"{metadata} has no rows; write one row per training image (file_name, "
+                             "conditioning_image_file_name, text), or remove it.")
+    try:
+        dataset = load_dataset("imagefolder", data_dir=folder)["train"]
+    except Exception as err:  # datasets' own errors for a bad folder come many frames deep
+        raise ValueError(f"{flag} {folder} could not be read as an image folder dataset: {type(err).__name__}: {err}") from None
+    if len(dataset) == 0:
+        raise ValueError(f"{flag} {folder} holds no training rows.")
     return dataset
+
+
+def check_captions(captions: list, column: str) -> None:
+    """Every caption is a string, or a non-empty list of strings (the first is used, as diffusers does)."""
+    bad = [(i, c) for i, c in enumerate(captions)
+           if not (isinstance(c, str) or (isinstance(c, (list, tuple)) and c and all(isinstance(x, str) for x in c)))]
+    if bad:
+        shown = ", ".join(f"row {i}: {'null' if c is None else repr(c)}" for i, c in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        raise ValueError(f"{len(bad)} row(s) have no text caption in column {column!r} ({shown}). Every row needs a "
+                         'string (use "" for no caption) or a non-empty list of strings.')
 
 
 def check_columns(columns: list[str], args) -> None:
@@ -68,27 +105,6 @@ def check_columns(columns: list[str], args) -> None:
         )
 
 
-def read_image(value, what: str) -> Image.Image:
-    """A dataset cell (PIL image, path, or bytes dict) as a PIL image, or a ValueError naming it."""
-    try:
-        if isinstance(value, Image.Image):
-            image = value
-        elif isinstance(value, str):
-            image = Image.open(value)
-        elif isinstance(value, dict) and value.get("bytes") is not None:
-            import io
-
-            image = Image.open(io.BytesIO(value["bytes"]))
-        elif isinstance(value, dict) and value.get("path"):
-            image = Image.open(value["path"])
-        else:
-            raise TypeError(f"unsupported value of type {type(value).__name__}")
-        image.load()
-    except Exception as err:
-        raise ValueError(f"{what} could not be read as an image: {err}") from err
-    return image
-
-
 def render_class_map(classes: np.ndarray) -> Image.Image:
     """Class-index map -> colour map: our palette for its classes, then a fixed pseudo-random one."""
     classes = np.asarray(classes, np.int64)
@@ -98,54 +114,69 @@ def render_class_map(classes: np.ndarray) -> Image.Image:
     return Image.fromarray(palette[classes].astype(np.uint8))
 
 
+def resize_crop_geometry(width: int, height: int, size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((resized width, height), (left, top) of the centre crop): shorter side to `size`, then a size x size crop."""
+    scale = size / min(width, height)
+    resized = (max(size, round(width * scale)), max(size, round(height * scale)))
+    return resized, ((resized[0] - size) // 2, (resized[1] - size) // 2)
+
+
 def resize_center_crop(image: Image.Image, size: int, resample) -> Image.Image:
-    w, h = image.size
-    scale = size / min(w, h)
-    if (w, h) != (size, size):
-        image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), resample)
-        w, h = image.size
-        left, top = (w - size) // 2, (h - size) // 2
-        image = image.crop((left, top, left + size, top + size))
+    if image.size != (size, size):
+        (w, h), (left, top) = resize_crop_geometry(*image.size, size)
+        image = image.resize((w, h), resample).crop((left, top, left + size, top + size))
     return image
+
+
+def resize_center_crop_points(points: np.ndarray, image_size: tuple[int, int], size: int) -> np.ndarray:
+    """Pixel coordinates (N, 2) of an image of `image_size` moved as `resize_center_crop` moves its pixels."""
+    (w, h), (left, top) = resize_crop_geometry(*image_size, size)
+    return points * np.array([w / image_size[0], h / image_size[1]], np.float32) - np.array([left, top], np.float32)
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W) in [0, 1]
 
 
-def control_image_of(row: dict, args, resolution: int, what: str) -> Image.Image:
+def control_image_of(row: dict, args, resolution: int, what: str, image_size: tuple[int, int] | None = None,
+                     root: str | None = None) -> Image.Image:
+    """The control image of a row at `resolution`: its control image resized and cropped like the
+    training image, or its landmark points (pixels of the training image, of `image_size`) drawn where
+    that resize and crop put them."""
     if args.conditioning_image_column in row and row[args.conditioning_image_column] is not None:
-        image = read_image(row[args.conditioning_image_column], f"conditioning image of {what}")
+        image = read_image(row[args.conditioning_image_column], f"conditioning image of {what}", root)
         if args.task == "segmentation" and image.mode in ("L", "I", "I;16"):  # class indices, not colours
             image = render_class_map(np.asarray(image))
-        image = image.convert("RGB")
+        image = to_rgb(image)
     else:
         points = np.asarray(row[args.landmarks_column], np.float32).reshape(-1, 2)
-        return render_landmarks(points, resolution)
+        return render_landmarks(resize_center_crop_points(points, image_size or (resolution, resolution), resolution),
+                                resolution)
     resample = Image.NEAREST if args.task == "segmentation" else Image.BILINEAR
     return resize_center_crop(image, resolution, resample)
 
 
-def make_transform(args, resolution: int):
-    """datasets set_transform: rows -> pixel_values [-1, 1], conditioning [0, 1], captions."""
+class ControlRows(torch.utils.data.Dataset):
+    """Rows of a `datasets.Dataset` as tensors: pixel_values in [-1, 1], conditioning_pixel_values in
+    [0, 1] (both (3, H, W)) and the caption. Images are decoded here, so an unreadable one is named
+    by its row and file rather than deep inside `datasets`."""
 
-    def transform(batch: dict) -> dict:
-        n = len(batch[args.caption_column])
-        rows = [{k: v[i] for k, v in batch.items()} for i in range(n)]
-        out = {"pixel_values": [], "conditioning_pixel_values": [], "caption": []}
-        for i, row in enumerate(rows):
-            what = f"row {i} of the batch"
-            image = read_image(row[args.image_column], f"image of {what}").convert("RGB")
-            image = resize_center_crop(image, resolution, Image.BICUBIC)
-            out["pixel_values"].append(to_tensor(image) * 2 - 1)
-            out["conditioning_pixel_values"].append(to_tensor(control_image_of(row, args, resolution, what)))
-            caption = row[args.caption_column]
-            if isinstance(caption, (list, tuple)):
-                caption = caption[0]
-            out["caption"].append(str(caption))
-        return out
+    def __init__(self, rows, args, resolution: int, root: str | None = None):
+        self.rows, self.args, self.resolution, self.root = rows, args, resolution, root
 
-    return transform
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        args, row, what = self.args, self.rows[int(index)], f"row {index} of the dataset"
+        image = to_rgb(read_image(row[args.image_column], f"image of {what}", self.root))
+        control = control_image_of(row, args, self.resolution, what, image.size, self.root)
+        caption = row[args.caption_column]
+        return {
+            "pixel_values": to_tensor(resize_center_crop(image, self.resolution, Image.BICUBIC)) * 2 - 1,
+            "conditioning_pixel_values": to_tensor(control),
+            "caption": caption[0] if isinstance(caption, (list, tuple)) else caption,
+        }
 
 
 def collate(examples: list[dict]) -> dict:

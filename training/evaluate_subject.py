@@ -30,7 +30,6 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 if __package__ in (None, ""):
@@ -41,9 +40,7 @@ from boft_diffusion.data.shapes import COLORS, SHAPES
 from boft_diffusion.metrics import ClipScores, DinoSimilarity, parse_caption, prompt_accuracy, score_landmarks, subject_similarity
 from boft_diffusion.tiny import model_path, resolve_model
 from pipelines import BOFTPipeline, interpolation_grid
-from training import common
 from training.subject_data import center_square, check_prompt, identifier_words, prompt_words, read_image_folder
-from training.validation import load_sampling_scheduler
 
 logger = logging.getLogger("boft_diffusion.evaluate_subject")
 
@@ -147,42 +144,6 @@ def synthetic_controls(n: int, size: int, seed: int = 0) -> tuple[list, list]:
     scenes = [subject_scene(seed + CONTROL_SEED_OFFSET, j, size) for j in range(n)]
     targets = [landmarks(s) for s in scenes]
     return [render_landmarks(t, size) for t in targets], targets
-
-
-# ----------------------------------------------------------------------------- validation during training
-class SubjectValidator:
-    """Validation images from the modules being trained (eval mode, unfused, never recast), with the
-    subject metrics of `score`; writes validation/step-N.png/.json and logs them (common.write_validation)."""
-
-    def __init__(self, args, model_path_, resolution, vae, text_encoder, tokenizer, unet, weight_dtype, accelerator,
-                 references, identifier):
-        self.args, self.accelerator = args, accelerator
-        self.references, self.identifier = references, identifier
-        self.prompts = args.validation_prompt
-        self.pipeline = BOFTPipeline(
-            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-            scheduler=load_sampling_scheduler(model_path_), safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        self.pipeline.fuse_for_sampling = False  # fusing would write into the weights being trained
-        self.pipeline.set_progress_bar_config(disable=True)
-
-    def run(self, step: int) -> dict:
-        unet = self.pipeline.unet
-        unet.eval()
-        try:
-            images = generate(self.pipeline, self.prompts, self.args.num_validation_images, self.args.seed,
-                              self.args.num_inference_steps, self.args.guidance_scale)
-        finally:
-            unet.train()
-        nested = score(images, self.references, self.identifier)
-        metrics = {f"{group}/{k}": v for group, values in nested.items() if group != "per_prompt"
-                   for k, v in values.items() if k != "n_images"}
-        grid = prompt_grid({f"step {step}": images}, self.args.num_validation_images, cell_size=64,
-                           references=self.references)
-        common.write_validation(self.accelerator, self.args.output_dir, step, grid, metrics)
-        logger.info("validation at step %d: %s", step, metrics)
-        return metrics
 
 
 # ----------------------------------------------------------------------------- the script

@@ -21,6 +21,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from boft_diffusion.data import DEFAULT_SUBJECT
+from training.common import positive
+from training.images import to_rgb
 
 logger = logging.getLogger("boft_diffusion.training")
 
@@ -45,13 +47,13 @@ def add_data_args(parser) -> None:
            '"" keeps the unconditional prediction, which classifier-free guidance extrapolates from.')
     a("--with_prior_preservation", action="store_true", help="Add the prior-preservation loss on class images.")
     a("--prior_loss_weight", type=float, default=1.0, help="Weight of the prior-preservation loss.")
-    a("--num_class_images", type=int, default=100,
+    a("--num_class_images", type=positive, default=100,
       help="Class images to use per class prompt; if the folder has fewer, the rest are generated with the base model and kept.")
-    a("--sample_batch_size", type=int, default=8, help="Batch size for generating class images.")
-    a("--class_inference_steps", type=int, default=None, help="Denoising steps for class images (default: --num_inference_steps).")
+    a("--sample_batch_size", type=positive, default=8, help="Batch size for generating class images.")
+    a("--class_inference_steps", type=positive, default=None, help="Denoising steps for class images (default: --num_inference_steps).")
     a("--center_crop", action="store_true", help="Centre-crop to the resolution (default: a random crop).")
-    a("--min_instance_images", type=int, default=3, help="Refuse an instance folder with fewer readable images.")
-    a("--num_synthetic_images", type=int, default=4, help="Views of the synthetic subject when no --instance_data_dir is given.")
+    a("--min_instance_images", type=positive, default=3, help="Refuse an instance folder with fewer readable images.")
+    a("--num_synthetic_images", type=positive, default=4, help="Views of the synthetic subject when no --instance_data_dir is given.")
 
 
 # ----------------------------------------------------------------------------- folders
@@ -64,11 +66,10 @@ def image_files(folder: str | os.PathLike, what: str) -> list[Path]:
 
 
 def open_image(path: Path) -> Image.Image:
-    """RGB image upright as the camera held it (EXIF orientation applied)."""
+    """8-bit RGB image (`to_rgb`: 16-bit greyscale is scaled, not clipped) upright as the camera held it."""
     with Image.open(path) as image:
         image.load()
-        image = ImageOps.exif_transpose(image)
-        return image.convert("RGB")
+        return to_rgb(ImageOps.exif_transpose(image))
 
 
 def resize_short_side(image: Image.Image, size: int) -> Image.Image:

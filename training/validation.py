@@ -1,5 +1,6 @@
-"""Validation during training: images from the model being trained (never recast, never fused),
-a grid saved and logged, and the control metric (landmark error or segmentation mIoU)."""
+"""Validation during training, for both trainers: images from the modules being trained (never
+recast), a grid saved and sent to every tracker, and the task's metrics (landmark error or
+segmentation mIoU for control, subject and prompt fidelity for subjects)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from PIL import Image
 from boft_diffusion.data import decode_segmentation, make_dataset
 from boft_diffusion.metrics import score_landmarks, score_segmentation
 from pipelines import BOFTPipeline, interpolation_grid
+from training import evaluate_subject
 
 logger = logging.getLogger("boft_diffusion.training")
 
@@ -62,52 +64,121 @@ def score(task: str, images, targets) -> dict:
     return {"miou": score_segmentation(images, targets)["miou"]}
 
 
-class ControlValidator:
-    """Generates the validation images with the training modules themselves (eval mode, fp32
-    adapter; the pipeline fuses for sampling and restores the kept base weights exactly after),
-    and restores train mode afterwards."""
+class Validator:
+    """Validation images from the modules being trained: eval mode, under autocast of the run's
+    precision (frozen weights in the training dtype, adapter in fp32: never recast), train mode
+    restored after. Writes validation/step-N.png + .json and logs both to every tracker. Subclasses
+    say what to draw (`generate()`) and how to score and show it (`score(images, step)` -> metrics, grid)."""
 
-    def __init__(self, args, model_path, resolution, vae, text_encoder, tokenizer, unet, control_head, weight_dtype, accelerator):
-        self.args, self.accelerator, self.weight_dtype = args, accelerator, weight_dtype
-        self.controls, self.prompts, self.targets = validation_set(args, resolution)
-        self.resolution = resolution
+    def __init__(self, run, control_head=None):
+        self.job, self.args = run, run.args
         self.pipeline = BOFTPipeline(
-            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-            scheduler=load_sampling_scheduler(model_path), safety_checker=None, feature_extractor=None,
+            vae=run.vae, text_encoder=run.text_encoder, tokenizer=run.tokenizer, unet=run.base_unet,
+            scheduler=load_sampling_scheduler(run.model_path), safety_checker=None, feature_extractor=None,
             requires_safety_checker=False, control_head=control_head,
         )
         self.pipeline.set_progress_bar_config(disable=True)
 
     def run(self, step: int) -> dict:
-        unet, head = self.pipeline.unet, self.pipeline.control_head
-        unet.eval(), head.eval()
-        mixed = torch.autocast(unet.device.type, dtype=self.weight_dtype, enabled=self.weight_dtype != torch.float32)
+        modules = [m for m in (self.pipeline.unet, self.pipeline.control_head) if m is not None]
+        dtype = self.job.weight_dtype
+        for module in modules:
+            module.eval()
         try:
-            with mixed:  # frozen weights in the training dtype, adapter in fp32: never recast
-                images = [
-                    self.pipeline(
-                        prompt, control_image=control, height=self.resolution, width=self.resolution,
-                        num_inference_steps=self.args.num_inference_steps, guidance_scale=self.args.guidance_scale,
-                        generator=torch.Generator().manual_seed(self.args.seed + i),
-                    ).images[0]
-                    for i, (prompt, control) in enumerate(zip(self.prompts, self.controls))
-                ]
+            with torch.autocast(self.job.device.type, dtype=dtype, enabled=dtype != torch.float32):
+                images = self.generate()
         finally:
-            unet.train(), head.train()
-        metrics = score(self.args.task, images, self.targets)
-        grid = interpolation_grid([[c, i] for c, i in zip(self.controls, images)], ["control", f"step {step}"], cell_size=96)
-        folder = os.path.join(self.args.output_dir, "validation")
-        os.makedirs(folder, exist_ok=True)
-        grid.save(os.path.join(folder, f"step-{step:06d}.png"))
-        with open(os.path.join(folder, f"step-{step:06d}.json"), "w") as f:
-            json.dump(metrics, f)
-        self._log(step, grid, metrics)
+            for module in modules:
+                module.train()
+        metrics, grid = self.score(images, step)
+        write_validation(self.job.accelerator, self.args.output_dir, step, grid, metrics)
         logger.info("validation at step %d: %s", step, metrics)
         return metrics
 
-    def _log(self, step: int, grid: Image.Image, metrics: dict) -> None:
-        for tracker in self.accelerator.trackers:
-            if tracker.name == "tensorboard":
-                tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
-        if metrics:
-            self.accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
+
+
+class ControlValidator(Validator):
+    """Control images (user's or held-out synthetic ones) -> images; landmark error or mIoU."""
+
+    def __init__(self, run, control_head):
+        super().__init__(run, control_head)
+        self.controls, self.prompts, self.targets = validation_set(run.args, run.resolution)
+
+    def generate(self) -> list:
+        size = self.job.resolution
+        return [
+            self.pipeline(
+                prompt, control_image=control, height=size, width=size, num_inference_steps=self.args.num_inference_steps,
+                guidance_scale=self.args.guidance_scale, generator=torch.Generator().manual_seed(self.args.seed + i),
+            ).images[0]
+            for i, (prompt, control) in enumerate(zip(self.prompts, self.controls))
+        ]
+
+    def score(self, images, step: int):
+        grid = interpolation_grid([[c, i] for c, i in zip(self.controls, images)], ["control", f"step {step}"], cell_size=96)
+        return score(self.args.task, images, self.targets), grid
+
+
+class SubjectValidator(Validator):
+    """--num_validation_images per validation prompt; the subject metrics of evaluate_subject."""
+
+    def __init__(self, run, references: list, identifier: list[str]):
+        super().__init__(run)
+        self.references, self.identifier = references, identifier
+
+    def generate(self) -> dict:
+        a = self.args
+        return evaluate_subject.generate(self.pipeline, a.validation_prompt, a.num_validation_images, a.seed,
+                                         a.num_inference_steps, a.guidance_scale)
+
+    def score(self, images, step: int):
+        nested = evaluate_subject.score(images, self.references, self.identifier)
+        metrics = {f"{group}/{k}": v for group, values in nested.items() if group != "per_prompt"
+                   for k, v in values.items() if k != "n_images"}
+        grid = evaluate_subject.prompt_grid({f"step {step}": images}, self.args.num_validation_images, cell_size=64,
+                                            references=self.references)
+        return metrics, grid
+
+
+# ----------------------------------------------------------------------------- output and trackers
+def write_validation(accelerator, output_dir: str, step: int, grid: Image.Image, metrics: dict) -> None:
+    """validation/step-N.png + step-N.json under output_dir; the grid to every tracker, metrics as val/*."""
+    folder = os.path.join(output_dir, "validation")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"step-{step:06d}.png")
+    grid.save(path)
+    with open(os.path.join(folder, f"step-{step:06d}.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    for tracker in accelerator.trackers:
+        log_image(tracker, grid, path, step)
+    scalars = {f"val/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+    if scalars:
+        accelerator.log(scalars, step=step)
+
+
+def log_image(tracker, grid: Image.Image, path: str, step: int) -> None:
+    """The validation grid in each tracker's own image type (accelerate's trackers disagree on it)."""
+    name = tracker.name
+    if name == "tensorboard":
+        tracker.writer.add_image("validation", np.asarray(grid), step, dataformats="HWC")
+    elif name == "wandb":
+        import wandb
+
+        tracker.log({"validation": [wandb.Image(grid, caption=f"step {step}")]}, step=step)
+    elif name in ("swanlab",):
+        tracker.log_images({"validation": [grid]}, step=step)
+    elif name in ("aim", "clearml"):
+        tracker.log_images({"validation": np.asarray(grid)}, step=step)
+    elif name == "comet_ml":
+        tracker.writer.log_image(grid, name="validation", step=step)
+    elif name == "mlflow":
+        tracker.log_artifact(path, "validation")
+    elif name == "dvclive":
+        tracker.live.log_image(os.path.basename(path), grid)
+    elif name not in _warned:
+        _warned.add(name)
+        logger.warning("Validation images are not sent to tracker %r (no image logging for it); see %s.", name,
+                       os.path.dirname(path))
+
+
+_warned: set[str] = set()
