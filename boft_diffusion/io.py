@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import SafetensorError
@@ -19,26 +17,28 @@ from safetensors.torch import load_file, save_file
 
 from .butterfly import packed_from_matrix, skew_from_packed
 from .config import CONFIG_NAME, PROJECTIONS, BOFTConfig
-from .unet import add_boft, boft_configs, plan_rotations, remove_boft, require_adapter, rotations
+from .adapter import base_module
+from .files import atomic_write, readable_folder, write_folder
+from .identifier import IDENTIFIER_FILE, load_identifier_embeddings, save_identifier_embeddings
+from .unet import (
+    add_boft,
+    boft_configs,
+    fuse_boft,
+    get_adapter,
+    is_fused,
+    plan_rotations,
+    remove_boft,
+    require_adapter,
+    rotations,
+)
 
 WEIGHTS_NAME = "boft_weights.safetensors"
+CARD_NAME = "README.md"
+CONTROL_HEAD_FOLDER = "control_head"
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PICKLE_NAME = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call write(tmp) then rename tmp over `path`; on any error `path` is left as it was."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -60,13 +60,118 @@ def adapter_state_dict(unet, adapter_name: str | None = None) -> dict[str, torch
     return state
 
 
-def save_boft(unet, save_directory: str | os.PathLike, adapter_name: str | None = None) -> Path:
-    """Write one adapter as boft_config.json + boft_weights.safetensors; returns the folder."""
+def save_boft(
+    unet,
+    save_directory: str | os.PathLike,
+    adapter_name: str | None = None,
+    *,
+    base_model: str | None = None,
+    card_text: str = "",
+    push_to_hub: bool = False,
+    repo_id: str | None = None,
+    private: bool | None = None,
+    token: str | None = None,
+) -> Path:
+    """Write one adapter as a unit: boft_config.json, boft_weights.safetensors, its control head
+    (control_head/) and identifier embeddings when it has them, and a README.md model card.
+
+    `push_to_hub=True` then uploads the folder to `repo_id` with huggingface_hub.
+    """
     name = require_adapter(unet, adapter_name)
+    adapter = get_adapter(unet, name)
+    config = adapter.config
     folder = Path(save_directory)
-    config = boft_configs(unet)[name]
-    write_tensors(folder / WEIGHTS_NAME, adapter_state_dict(unet, name), {"format": "pt", "boft_config": config.to_json_string()})
-    _write_text(folder / CONFIG_NAME, config.to_json_string())
+    base_model = str(base_model or getattr(base_module(unet).config, "_name_or_path", "") or "") or None
+
+    def fill(tmp: Path) -> None:
+        metadata = {"format": "pt", "boft_config": config.to_json_string()}
+        write_tensors(tmp / WEIGHTS_NAME, adapter_state_dict(unet, name), metadata)
+        _write_text(tmp / CONFIG_NAME, config.to_json_string())
+        if adapter.control_head is not None:
+            adapter.control_head.save_pretrained(tmp / CONTROL_HEAD_FOLDER)
+        if adapter.identifier is not None:
+            save_identifier_embeddings(adapter.identifier, tmp)
+        _write_text(tmp / CARD_NAME, adapter_card(unet, name, base_model, card_text))
+
+    write_folder(folder, fill)
+    if push_to_hub:
+        push_folder(folder, repo_id, private=private, token=token)
+    return folder
+
+
+def adapter_card(unet, adapter_name: str, base_model: str | None, text: str = "") -> str:
+    """README.md of an adapter folder: the hub's YAML header (base_model, library_name, tags, license)
+    and what the adapter is and how to load it."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from .unet import describe
+
+    adapter = get_adapter(unet, adapter_name)
+    tags = ["boft", "diffusers", "stable-diffusion", "text-to-image"]
+    if adapter.control_head is not None:
+        tags.append("controlnet")
+    data = ModelCardData(base_model=base_model, library_name="diffusers", tags=tags, license="apache-2.0")
+    c = adapter.config
+    layout = f"block size {c.block_size}" if c.block_size else f"{c.block_num} blocks per factor"
+    body = "\n".join([
+        f"# BOFT adapter `{adapter_name}`",
+        "",
+        f"Orthogonal Butterfly finetuning (BOFT) adapter for `{base_model or 'a Stable Diffusion UNet'}`, "
+        f"made with boft-diffusion: {layout}, {c.n_butterfly_factors} butterfly factors on "
+        f"{', '.join(c.target_modules)}" + (", with a control head." if adapter.control_head is not None else "."),
+        "",
+        "```python",
+        "from pipelines import BOFTPipeline",
+        f"pipe = BOFTPipeline.from_pretrained({base_model or 'BASE_MODEL'!r})",
+        f"pipe.load_boft(\"path/or/hub-id\", adapter_name={adapter_name!r})",
+        "```",
+        "",
+        "```",
+        describe(unet, adapter_name).splitlines()[-1],
+        "```",
+        "",
+        text,
+    ])
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body.rstrip()}\n"))
+
+
+def push_folder(folder: Path, repo_id: str | None, private: bool | None = None, token: str | None = None) -> str:
+    """Upload an adapter folder to the hub (creating the repo); returns the repo id."""
+    from huggingface_hub import HfApi
+
+    if not repo_id:
+        raise ValueError("push_to_hub needs repo_id='user/name'.")
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="Upload BOFT adapter")
+    return repo_id
+
+
+def resolve_adapter_path(path_or_hub_id: str | os.PathLike, subfolder: str | None = None,
+                         revision: str | None = None) -> Path:
+    """A local adapter folder, or a hub repo id fetched (or taken from the local cache) with huggingface_hub."""
+    local = readable_folder(path_or_hub_id)
+    if local.is_dir():
+        folder = local / subfolder if subfolder else local
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{local} has no subfolder {subfolder!r}.")
+        return folder
+    repo_id = str(path_or_hub_id)
+    if local.exists() or repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"No adapter folder at {path_or_hub_id} (and it is not a hub repo id 'user/name').")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        snapshot = snapshot_download(repo_id, revision=revision, allow_patterns=[f"{subfolder}/**"] if subfolder else None)
+    except (LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError, HFValidationError) as err:
+        raise FileNotFoundError(
+            f"No adapter folder at {path_or_hub_id}, and the hub repo {repo_id!r} (revision {revision or 'main'}) "
+            f"could not be fetched or found in the local cache: {type(err).__name__}."
+        ) from err
+    folder = Path(snapshot) / subfolder if subfolder else Path(snapshot)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Hub repo {repo_id!r} has no subfolder {subfolder!r}.")
     return folder
 
 
@@ -149,7 +254,7 @@ def _read_peft_folder(folder: Path) -> tuple[BOFTConfig, dict[str, torch.Tensor]
 
 def read_adapter(path: str | os.PathLike) -> tuple[BOFTConfig, dict[str, torch.Tensor], str]:
     """(config, state dict, 'boft' | 'peft') from an adapter folder of either format."""
-    folder = Path(path)
+    folder = readable_folder(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"No adapter folder at {folder}.")
     if (folder / CONFIG_NAME).is_file() or (folder / WEIGHTS_NAME).is_file():
@@ -189,21 +294,77 @@ def _check_state(unet, config: BOFTConfig, state: dict[str, torch.Tensor], sourc
             )
 
 
-def load_boft(unet, path: str | os.PathLike, adapter_name: str = "default", backend: str = "auto") -> BOFTConfig:
-    """Install the adapter in `path` (ours or PEFT's BOFT) as `adapter_name`; validates before changing the UNet."""
-    config, state, _ = read_adapter(path)
-    _check_state(unet, config, state, Path(path))
-    add_boft(unet, BOFTConfig.from_dict({**config.to_dict(), "init": "identity"}), adapter_name, backend)
+def load_boft(
+    unet,
+    path: str | os.PathLike,
+    adapter_name: str = "default",
+    *,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    text_encoder=None,
+    tokenizer=None,
+    vae_scale_factor: int | None = None,
+) -> BOFTConfig:
+    """Install the adapter in a folder or hub repo (ours or PEFT's BOFT) as `adapter_name`, active,
+    with its control head and identifier embeddings. Everything is read and checked against the
+    model before the UNet changes: an adapter for another model raises and leaves it as it was.
+
+    Identifier embeddings are checked against `text_encoder` and `tokenizer` (a pipeline passes
+    them); a control head against `unet.conv_in` and, when given, the VAE's `vae_scale_factor`.
+    """
+    folder = resolve_adapter_path(path, subfolder, revision)
+    config, state, _ = read_adapter(folder)
+    _check_state(unet, config, state, folder)
+    head = _read_control_head(unet, folder, vae_scale_factor)
+    identifier = None
+    if (folder / IDENTIFIER_FILE).is_file():
+        if text_encoder is None or tokenizer is None:
+            raise ValueError(
+                f"{folder} has learned identifier embeddings ({IDENTIFIER_FILE}); load it with a pipeline "
+                "(BOFTPipeline.load_boft) or pass text_encoder= and tokenizer=."
+            )
+        identifier = load_identifier_embeddings(folder, text_encoder, tokenizer)
+    add_boft(unet, BOFTConfig.from_dict({**config.to_dict(), "init": "identity"}), adapter_name)
     try:
         with torch.no_grad():
             for layer, rotation in rotations(unet, adapter_name):
                 rotation.boft_skew.copy_(state[f"{layer}.boft_skew"])
                 if f"{layer}.boft_s" in state:
                     rotation.boft_s.copy_(state[f"{layer}.boft_s"])
+        adapter = get_adapter(unet, adapter_name)
+        if head is not None:
+            adapter.control_head = head.requires_grad_(False).eval()
+        if identifier is not None:
+            adapter.identifier = identifier.to(text_encoder.device).requires_grad_(False)
+        if is_fused(unet):
+            fuse_boft(unet)
     except BaseException:
         remove_boft(unet, adapter_name)
         raise
     return config
+
+
+def _read_control_head(unet, folder: Path, vae_scale_factor: int | None):
+    """The adapter's control head (None when it has none), checked against the UNet and VAE."""
+    head_folder = folder / CONTROL_HEAD_FOLDER
+    if not head_folder.is_dir():
+        return None
+    from .control import ControlHead
+
+    model = base_module(unet)
+    try:
+        head = ControlHead.from_pretrained(head_folder, torch_dtype=model.dtype)
+    except (OSError, ValueError, TypeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{head_folder} is not a readable control head ({err}).") from err
+    conv_in = model.conv_in.out_channels
+    factor_ok = vae_scale_factor is None or head.config.downscale_factor == vae_scale_factor
+    if head.config.out_channels != conv_in or not factor_ok:
+        raise ValueError(
+            f"Control head {head_folder} was made for another model: it outputs {head.config.out_channels} channels "
+            f"at 1/{head.config.downscale_factor} of the image size, this model needs {conv_in} channels "
+            f"(unet.conv_in)" + (f" at 1/{vae_scale_factor} (the VAE's scale factor)." if vae_scale_factor else ".")
+        )
+    return head.to(model.device)
 
 
 def export_peft(unet, save_directory: str | os.PathLike, adapter_name: str | None = None, base_model: str | None = None) -> Path:

@@ -75,7 +75,11 @@ class ButterflyRotation(nn.Module):
                 scale.normal_(1.0, 0.1)
         self.boft_skew = nn.Parameter(skew)
         self.boft_s = nn.Parameter(scale, requires_grad=train_scale)
-        self.active: list[bool] = [True] * n_factors
+        # How much of each factor acts: 1 on, 0 identity, t in (0, 1) Cayley(t S) (fractional k).
+        self.factor_scales: tuple[float, ...] = (1.0,) * n_factors
+        # Block dropout draws from this seed when set (a trainer sets one per step and layer, so the
+        # mask depends neither on the process count nor on a recomputing backward), else globally.
+        self.dropout_seed: int | None = None
         self._cache: tuple | None = None
         self._chunk_cache: tuple | None = None
 
@@ -87,22 +91,39 @@ class ButterflyRotation(nn.Module):
         """Trainable numbers: m * (d/b) * b(b-1)/2 skew entries, plus s when it is trained."""
         return self.boft_skew.numel() + (self.boft_s.numel() if self.train_scale else 0)
 
-    def set_active(self, mask: Sequence[bool]) -> None:
-        if len(mask) != self.n_factors:
-            raise ValueError(f"Factor mask has {len(mask)} entries, the adapter has {self.n_factors} factors.")
-        self.active = [bool(a) for a in mask]
+    @property
+    def active(self) -> list[bool]:
+        return [scale > 0 for scale in self.factor_scales]
+
+    def set_active(self, scales: Sequence[float]) -> None:
+        """Per factor: True/1 on, False/0 identity, t in (0, 1) its skew scaled by t (still a rotation)."""
+        if len(scales) != self.n_factors:
+            raise ValueError(f"Factor mask has {len(scales)} entries, the adapter has {self.n_factors} factors.")
+        self.factor_scales = tuple(float(scale) for scale in scales)
         self._cache = self._chunk_cache = None
+
+    def scaled_skew(self) -> torch.Tensor:
+        """boft_skew with fractional factors scaled; the parameter itself when every factor is 0 or 1
+        (so integer k stays bit-identical and costs nothing)."""
+        if all(scale in (0.0, 1.0) for scale in self.factor_scales):
+            return self.boft_skew
+        scales = torch.tensor(self.factor_scales, dtype=self.boft_skew.dtype, device=self.boft_skew.device)
+        return self.boft_skew * scales[:, None, None]  # (m, d/b, b(b-1)/2)
 
     def blocks(self) -> torch.Tensor:
         """Cayley blocks (m, d/b, b, b) in fp32, computed once per forward; cached when no grad flows."""
         if not torch.is_grad_enabled() and not (self.training and self.dropout > 0):
-            key = (self.boft_skew._version, self.boft_skew.device, id(self.boft_skew))
+            key = (self.boft_skew._version, self.boft_skew.device, id(self.boft_skew), self.factor_scales)
             if self._cache is None or self._cache[0] != key:
-                self._cache = (key, cayley(self.boft_skew.detach(), self.block_size))
+                self._cache = (key, cayley(self.scaled_skew().detach(), self.block_size))
             return self._cache[1]
-        blocks = cayley(self.boft_skew, self.block_size)
+        blocks = cayley(self.scaled_skew(), self.block_size)
         if self.training and self.dropout > 0:
-            drop = torch.rand(blocks.shape[:2], device=blocks.device) < self.dropout  # (m, d/b)
+            if self.dropout_seed is None:
+                draw = torch.rand(blocks.shape[:2], device=blocks.device)  # (m, d/b)
+            else:
+                draw = torch.rand(blocks.shape[:2], generator=torch.Generator().manual_seed(self.dropout_seed))
+            drop = draw.to(blocks.device) < self.dropout
             eye = torch.eye(self.block_size, device=blocks.device)
             blocks = torch.where(drop[..., None, None], eye, blocks)
         return blocks
@@ -123,7 +144,8 @@ class ButterflyRotation(nn.Module):
         """R's diagonal chunks (d/c, c, c), built from the blocks; cached when no grad flows."""
         if torch.is_grad_enabled() or (self.training and self.dropout > 0):
             return chunk_matrices(self.blocks(), order, transpose)
-        key = ("chunks", self.boft_skew._version, id(self.boft_skew), self.boft_skew.device, order, transpose)
+        key = ("chunks", self.boft_skew._version, id(self.boft_skew), self.boft_skew.device, self.factor_scales,
+               order, transpose)
         if self._chunk_cache is None or self._chunk_cache[0] != key:
             self._chunk_cache = (key, chunk_matrices(self.blocks(), order, transpose))
         return self._chunk_cache[1]
@@ -154,7 +176,7 @@ class ButterflyRotation(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"d={self.in_features}, out={self.out_features}, block_size={self.block_size}, "
-            f"block_num={self.block_num}, factors={self.n_factors}, active={self.active}"
+            f"block_num={self.block_num}, factors={self.n_factors}, active={list(self.factor_scales)}"
         )
 
 
@@ -202,3 +224,85 @@ def boft_linear(x: torch.Tensor, linear: nn.Linear, rotations: Sequence[Butterfl
         y = F.linear(x, rotated_weight(linear.weight, rotations))
     y = y * output_scale(rotations).to(y.dtype)
     return y if linear.bias is None else y + linear.bias
+
+
+class BOFTLinear(nn.Linear):
+    """A frozen projection rotated by the BOFT adapters installed on it: y = s * ((x R) W^T) + bias.
+
+    It takes over the original Linear's `weight` and `bias` Parameters (no copy) and keeps the
+    original module to put back on removal, so the base model comes back as the same objects.
+    Because it is still an `nn.Linear` whose forward is the whole BOFT computation, whatever
+    attention processor diffusers runs (SDPA, xformers, sliced, IP-Adapter, ...) uses the
+    adapters, with no attention code of ours.
+
+    `boft[name]` is the adapter `name`'s rotation; `active_adapters` apply in that order. Fusing
+    writes W' = diag(s) W R^T into a separate buffer, so `weight` always holds the base weights
+    and unfusing is exact by construction.
+    """
+
+    def __init__(self, base: nn.Linear):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.register_parameter("bias", base.bias)
+        self.boft = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.register_buffer("boft_merged_weight", None, persistent=False)
+        self.__dict__["base_layer"] = base  # outside the module tree: its Parameters are ours now
+        self.register_state_dict_post_hook(_drop_adapter_state)
+        self.register_load_state_dict_post_hook(_ignore_missing_adapter_state)
+
+    def unwrap(self) -> nn.Linear:
+        """The original Linear, holding this module's current Parameters (they may have moved or
+        changed dtype since wrapping)."""
+        base = self.__dict__["base_layer"]
+        base.weight = self.weight
+        base.register_parameter("bias", self.bias)
+        return base
+
+    def active_rotations(self) -> list[ButterflyRotation]:
+        return [self.boft[name] for name in self.active_adapters]
+
+    @property
+    def fused(self) -> bool:
+        return self.boft_merged_weight is not None
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """W' = diag(s) W R^T of the active adapters into `boft_merged_weight`, updated in place
+        when already fused (a compiled graph that reads it is not recompiled)."""
+        rotations = self.active_rotations()
+        merged = self.weight
+        if rotations:
+            merged = rotated_weight(self.weight.float(), rotations) * output_scale(rotations).float()[:, None]
+            if not torch.isfinite(merged).all():
+                names = ", ".join(self.active_adapters)
+                raise ValueError(f"Adapter(s) {names} give non-finite fused weights (NaN/Inf in boft_skew or boft_s).")
+        merged = merged.to(self.weight.dtype)
+        if self.fused and self.boft_merged_weight.shape == merged.shape and self.boft_merged_weight.dtype == merged.dtype:
+            self.boft_merged_weight.copy_(merged)
+        else:
+            self.boft_merged_weight = merged.clone()
+
+    def unfuse(self) -> None:
+        self.boft_merged_weight = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.boft_merged_weight is not None:
+            return F.linear(x, self.boft_merged_weight, self.bias)
+        return boft_linear(x, self, self.active_rotations())
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, adapters={list(self.boft)}, active={self.active_adapters}, fused={self.fused}"
+
+
+def _drop_adapter_state(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    """The base model's state dict stays the base model's: adapters are saved as adapters."""
+    for key in [k for k in state_dict if k.startswith(prefix + "boft.")]:
+        del state_dict[key]
+
+
+def _ignore_missing_adapter_state(module: nn.Module, incompatible_keys) -> None:
+    """Loading a base state dict into an adapted model is not missing anything."""
+    missing = incompatible_keys.missing_keys
+    missing[:] = [k for k in missing if ".boft." not in k and not k.startswith("boft.")]

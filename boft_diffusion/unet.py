@@ -1,37 +1,42 @@
-"""Install, switch, fuse and remove BOFT adapters on a diffusers UNet, one processor per Attention."""
+"""The adapter lifecycle on a diffusers UNet: add, activate, set factors, fuse, disable, delete, unload.
+
+Every verb works on the UNet or on a `torch.compile` wrapper of it, and keeps one registry
+(`adapter.BOFTRegistry`) and the wrapped projections (`layers.BOFTLinear`) in step.
+"""
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
-from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from .attention import BOFTAttnProcessor, module_key, projection_layer
+from .adapter import BOFTAdapter, base_module, registry
+from .attention import attention_modules, boft_linears, projection_layer, unwrap_unused, wrapped_projection
 from .config import BOFTConfig
 from .layers import ButterflyRotation
 
 
-def attention_modules(unet: nn.Module) -> Iterator[tuple[str, Attention]]:
-    for name, module in unet.named_modules():
-        if isinstance(module, Attention):
-            yield name, module
-
-
-def boft_processors(unet: nn.Module) -> Iterator[tuple[str, Attention, BOFTAttnProcessor]]:
-    for name, attn in attention_modules(unet):
-        if isinstance(attn.processor, BOFTAttnProcessor):
-            yield name, attn, attn.processor
-
-
-def boft_configs(unet: nn.Module) -> dict[str, BOFTConfig]:
-    """Configs of the adapters installed on `unet`, by adapter name."""
-    return unet.__dict__.setdefault("_boft_configs", {})
+def adapters(unet: nn.Module) -> dict[str, BOFTAdapter]:
+    """The adapters installed on `unet`, by name (empty when none)."""
+    found = registry(unet)
+    return dict(found.adapters) if found is not None else {}
 
 
 def adapter_names(unet: nn.Module) -> list[str]:
-    return list(boft_configs(unet))
+    return list(adapters(unet))
+
+
+def boft_configs(unet: nn.Module) -> dict[str, BOFTConfig]:
+    """Configs of the installed adapters, by name."""
+    return {name: adapter.config for name, adapter in adapters(unet).items()}
+
+
+def get_adapter(unet: nn.Module, adapter_name: str | None = None) -> BOFTAdapter:
+    return adapters(unet)[require_adapter(unet, adapter_name)]
 
 
 def require_adapter(unet: nn.Module, adapter_name: str | None) -> str:
@@ -50,7 +55,7 @@ def require_adapter(unet: nn.Module, adapter_name: str | None) -> str:
 def plan_rotations(unet: nn.Module, config: BOFTConfig) -> dict[str, dict[str, tuple[int, int, int]]]:
     """{attention path: {projection: (d, out, block_size)}} for every target; raises before any change."""
     plan = {}
-    for name, attn in attention_modules(unet):
+    for name, attn in attention_modules(base_module(unet)):
         plan[name] = {}
         for projection in config.target_modules:
             layer = projection_layer(attn, projection)
@@ -63,123 +68,189 @@ def plan_rotations(unet: nn.Module, config: BOFTConfig) -> dict[str, dict[str, t
     return plan
 
 
-def add_boft(unet: nn.Module, config: BOFTConfig, adapter_name: str = "default", backend: str = "auto") -> nn.Module:
-    """Rotate the attention projections of `unet` with a new BOFT adapter (identity at init).
+def add_boft(unet: nn.Module, config: BOFTConfig, adapter_name: str = "default") -> nn.Module:
+    """Rotate the attention projections of `unet` with a new BOFT adapter (identity at init), active.
 
     Base weights are untouched; trainable parameters are fp32 on each projection's device.
     """
-    if adapter_name in boft_configs(unet):
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"Adapter names are non-empty strings without dots, got {adapter_name!r}.")
+    if adapter_name in adapter_names(unet):
         raise ValueError(f"A BOFT adapter named {adapter_name!r} is already installed; pick another name.")
-    if any(p.fused for _, _, p in boft_processors(unet)):
-        raise ValueError("Unfuse the UNet (unfuse_boft) before adding an adapter.")
     plan = plan_rotations(unet, config)
-    for name, attn in attention_modules(unet):
-        processor = attn.processor
-        if not isinstance(processor, BOFTAttnProcessor):
-            processor = BOFTAttnProcessor(processor, backend=backend)
-            attn.set_processor(processor)
-        rotations = {}
+    fused = is_fused(unet)
+    unfuse_boft(unet)
+    model = base_module(unet)
+    for name, attn in attention_modules(model):
         for projection, (d, out, block_size) in plan[name].items():
-            weight = projection_layer(attn, projection).weight
-            rotations[projection] = ButterflyRotation(
+            wrapper = wrapped_projection(attn, projection)
+            wrapper.boft[adapter_name] = ButterflyRotation(
                 d, out, block_size, config.n_butterfly_factors, config.train_scale, config.dropout, config.init
-            ).to(weight.device)
-        processor.add_adapter(adapter_name, rotations)
-    boft_configs(unet)[adapter_name] = config
+            ).to(wrapper.weight.device)
+    found = registry(model, create=True)
+    found.adapters[adapter_name] = BOFTAdapter(config)
+    found.active.append(adapter_name)
+    _apply_active(model)
+    if fused:
+        fuse_boft(unet)
+    return unet
+
+
+def delete_adapters(unet: nn.Module, adapter_names: str | Sequence[str]) -> nn.Module:
+    """Remove adapters (rotations, control head, identifier embeddings); with none left the UNet
+    holds its original modules again, bit for bit."""
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    for name in names:
+        require_adapter(unet, name)
+    fused = is_fused(unet)
+    unfuse_boft(unet)
+    model, found = base_module(unet), registry(unet)
+    for attn_name, attn in attention_modules(model):
+        for _, wrapper in list(boft_linears(attn)):
+            for name in names:
+                if name in wrapper.boft:
+                    del wrapper.boft[name]
+        unwrap_unused(attn)
+    for name in names:
+        del found.adapters[name]
+        if name in found.active:
+            found.active.remove(name)
+    if not len(found.adapters):
+        delattr(model, "boft_registry")
+        return unet
+    _apply_active(model)
+    if fused:
+        fuse_boft(unet)
     return unet
 
 
 def remove_boft(unet: nn.Module, adapter_name: str | None = None) -> nn.Module:
-    """Remove one adapter, or all (None); with none left the original processors come back."""
-    names = adapter_names(unet) if adapter_name is None else [require_adapter(unet, adapter_name)]
-    unfuse_boft(unet)
-    for _, attn, processor in list(boft_processors(unet)):
-        for name in names:
-            if name in processor.adapters:
-                del processor.adapters[name]
-                if name in processor.active_adapters:
-                    processor.active_adapters.remove(name)
-        if not len(processor.adapters):
-            attn.set_processor(processor.original_processor)
-    for name in names:
-        del boft_configs(unet)[name]
-    return unet
+    """Remove one adapter, or all of them (None: `unload_boft`)."""
+    return delete_adapters(unet, adapter_names(unet) if adapter_name is None else [require_adapter(unet, adapter_name)])
+
+
+def unload_boft(unet: nn.Module) -> nn.Module:
+    """Remove every adapter: the original projections are back and the base weights were never changed."""
+    return delete_adapters(unet, adapter_names(unet)) if adapter_names(unet) else unet
 
 
 def rotations(unet: nn.Module, adapter_name: str | None = None) -> Iterator[tuple[str, ButterflyRotation]]:
     """(projection path, rotation) of one adapter, in module order."""
     adapter_name = require_adapter(unet, adapter_name)
-    for name, _, processor in boft_processors(unet):
-        adapter = processor.adapters[adapter_name] if adapter_name in processor.adapters else {}
-        for projection in ("to_q", "to_k", "to_v", "to_out.0"):
-            if module_key(projection) in adapter:
-                yield f"{name}.{projection}", adapter[module_key(projection)]
+    for path, wrapper in boft_linears(base_module(unet)):
+        if adapter_name in wrapper.boft:
+            yield path, wrapper.boft[adapter_name]
 
 
-def _unfused_change(unet: nn.Module, change):
-    """Run `change`, re-fusing from the kept base weights when the UNet was fused."""
-    fused = any(p.fused for _, _, p in boft_processors(unet))
-    if fused:
-        unfuse_boft(unet)
+def _apply_active(unet: nn.Module) -> None:
+    """Tell every wrapped projection which adapters apply (none while BOFT is disabled)."""
+    found = registry(unet)
+    active = list(found.active) if found is not None and found.enabled else []
+    for _, wrapper in boft_linears(base_module(unet)):
+        wrapper.active_adapters = [name for name in active if name in wrapper.boft]
+
+
+def _unfused_change(unet: nn.Module, change) -> None:
+    """Run `change`, re-fusing the merged weights (in place) when the UNet was fused."""
     change()
-    if fused:
+    if is_fused(unet):
         fuse_boft(unet)
 
 
-def set_active_factors(
-    unet: nn.Module, k: int | None = None, adapter_name: str | None = None, mask: Sequence[bool] | None = None
-) -> None:
-    """Keep factors 0..k-1 of an adapter and treat k..m-1 as identity (or any subset via `mask`).
+def factor_scales(k, m: int, adapter_name: str) -> tuple[float, ...]:
+    """k in [0, m] -> per-factor scales: factors below floor(k) on, factor floor(k) at the fraction, rest off."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Real) or not math.isfinite(float(k)) or not 0 <= k <= m:
+        raise ValueError(
+            f"Active factors k must be a finite number in [0, {m}] for adapter {adapter_name!r}, got {k!r}."
+        )
+    k = float(k)
+    whole = int(math.floor(k))
+    return tuple(1.0 if i < whole else (k - whole if i == whole else 0.0) for i in range(m))
 
-    Trained values are never touched, so any k can be restored; `s` stays in effect.
+
+def set_active_factors(
+    unet: nn.Module, k: float | None = None, adapter_name: str | None = None, mask: Sequence[bool] | None = None
+) -> None:
+    """Keep factors 0..k-1 of an adapter and treat the rest as identity (or any subset via a
+    boolean `mask`). A fractional k = j + t fades factor j in as Cayley(t S), exactly orthogonal for
+    every t, so the model moves smoothly from j factors to j + 1. Integer k is bit-identical to the
+    whole-factor model. Trained values are never touched; `s` stays in effect.
     """
-    adapter_name = require_adapter(unet, adapter_name)
-    m = boft_configs(unet)[adapter_name].n_butterfly_factors
-    if mask is None:
-        k = m if k is None else k
-        if not 0 <= k <= m:
-            raise ValueError(f"Active factors k must be in 0..{m} for adapter {adapter_name!r}, got {k}.")
-        mask = [i < k for i in range(m)]
-    elif k is not None:
-        raise ValueError("Pass either k or mask, not both.")
-    elif len(mask) != m:
-        raise ValueError(f"mask needs {m} entries (one per butterfly factor), got {len(mask)}.")
+    adapter = get_adapter(unet, adapter_name)
+    name = require_adapter(unet, adapter_name)
+    m = adapter.n_factors
+    if mask is not None:
+        if k is not None:
+            raise ValueError("Pass either k or mask, not both.")
+        values = list(mask) if isinstance(mask, (list, tuple, np.ndarray)) else None
+        if values is None or len(values) != m or not all(isinstance(a, (bool, np.bool_)) for a in values):
+            raise ValueError(f"mask needs {m} booleans (one per butterfly factor), got {mask!r}.")
+        scales = tuple(1.0 if a else 0.0 for a in values)
+    else:
+        scales = factor_scales(m if k is None else k, m, name)
 
     def change():
-        for _, rotation in rotations(unet, adapter_name):
-            rotation.set_active(mask)
+        adapter.factor_scales = scales
+        for _, rotation in rotations(unet, name):
+            rotation.set_active(scales)
 
     _unfused_change(unet, change)
 
 
 def active_factors(unet: nn.Module, adapter_name: str | None = None) -> list[bool]:
-    _, rotation = next(rotations(unet, adapter_name))
-    return list(rotation.active)
+    """Which factors of an adapter act (a fractional one counts as active)."""
+    return [scale > 0 for scale in get_adapter(unet, adapter_name).factor_scales]
 
 
 def set_active_adapters(unet: nn.Module, names: Sequence[str]) -> None:
     """Which adapters apply, in composition order R = R_names[0] R_names[1] ...; [] disables all."""
+    names = [names] if isinstance(names, str) else list(names)
     for name in names:
         require_adapter(unet, name)
+    if len(set(names)) != len(names):
+        raise ValueError(f"Adapter names repeat in {names}.")
 
     def change():
-        for _, _, processor in boft_processors(unet):
-            processor.active_adapters = [n for n in names if n in processor.adapters]
+        registry(unet).active = names
+        _apply_active(unet)
 
     _unfused_change(unet, change)
 
 
+def get_active_adapters(unet: nn.Module) -> list[str]:
+    """Adapters that apply now (empty while BOFT is disabled)."""
+    found = registry(unet)
+    return list(found.active) if found is not None and found.enabled else []
+
+
+def set_boft_enabled(unet: nn.Module, enabled: bool) -> None:
+    """Switch every adapter off (the base model; nothing is forgotten) or back on."""
+    found = registry(unet)
+    if found is None:
+        return
+
+    def change():
+        found.enabled = bool(enabled)
+        _apply_active(unet)
+
+    _unfused_change(unet, change)
+
+
+def is_fused(unet: nn.Module) -> bool:
+    return any(wrapper.fused for _, wrapper in boft_linears(base_module(unet)))
+
+
 def fuse_boft(unet: nn.Module) -> nn.Module:
-    """Write W' = diag(s) W R^T into the projections (no per-step cost); base weights are kept."""
-    for _, attn, processor in boft_processors(unet):
-        processor.fuse(attn)
+    """Merge W' = diag(s) W R^T of the active adapters (no per-step cost); base weights stay as they are."""
+    for _, wrapper in boft_linears(base_module(unet)):
+        wrapper.fuse()
     return unet
 
 
 def unfuse_boft(unet: nn.Module) -> nn.Module:
-    """Restore the base weights exactly from the kept copies (no inversion)."""
-    for _, attn, processor in boft_processors(unet):
-        processor.unfuse(attn)
+    """Back to rotating on the fly (as in training); exact, since the base weights were never changed."""
+    for _, wrapper in boft_linears(base_module(unet)):
+        wrapper.unfuse()
     return unet
 
 
@@ -194,12 +265,17 @@ def parameter_count(unet: nn.Module, adapter_name: str | None = None) -> tuple[i
     return sum(per_layer.values()), per_layer
 
 
+def base_parameter_count(unet: nn.Module) -> int:
+    """Parameters of the base model, adapters excluded."""
+    return sum(t.numel() for t in base_module(unet).state_dict().values())
+
+
 def describe(unet: nn.Module, adapter_name: str | None = None) -> str:
     """One line per adapted projection and a total, for logs and model cards."""
     name = require_adapter(unet, adapter_name)
     total, per_layer = parameter_count(unet, name)
     lines = [f"{path}: {r.extra_repr()}, params={r.num_parameters()}" for path, r in rotations(unet, name)]
-    base = sum(p.numel() for n, p in unet.named_parameters() if ".processor." not in n)
+    base = base_parameter_count(unet)
     lines.append(f"adapter {name!r}: {total:,} trainable parameters in {len(per_layer)} projections "
                  f"({100 * total / max(base, 1):.3f}% of {base:,} base)")
     return "\n".join(lines)
@@ -207,8 +283,10 @@ def describe(unet: nn.Module, adapter_name: str | None = None) -> str:
 
 @torch.no_grad()
 def randomize_boft(unet: nn.Module, adapter_name: str | None = None, std: float = 0.1, generator=None) -> None:
-    """Random skew entries and scales (for tests and demos of a non-identity adapter)."""
+    """Random skew entries and scales (a non-identity adapter for demos and checks)."""
     for _, rotation in rotations(unet, adapter_name):
         rotation.boft_skew.copy_(torch.randn(rotation.boft_skew.shape, generator=generator) * std)
         if rotation.train_scale:
             rotation.boft_s.copy_(1 + torch.randn(rotation.boft_s.shape, generator=generator) * std)
+    if is_fused(unet):
+        fuse_boft(unet)

@@ -21,7 +21,7 @@ from boft_diffusion import (
     set_active_factors,
     unfuse_boft,
 )
-from boft_diffusion.attention import BOFTAttnProcessor
+from boft_diffusion.layers import BOFTLinear
 from boft_diffusion.unet import randomize_boft, rotations
 
 CONFIG = dict(block_size=4, n_butterfly_factors=3)
@@ -38,14 +38,18 @@ def test_fresh_adapter_is_exact_random_changes_remove_restores(unet_dirs, layout
     unet = load_unet(unet_dirs, layout)
     inputs = unet_inputs(unet)
     base = run_unet(unet, inputs)
-    originals = {n: type(p) for n, p in unet.attn_processors.items()}
+    originals = dict(unet.attn_processors)
+    modules = dict(unet.named_modules())
     add_boft(unet, BOFTConfig(**CONFIG))
-    assert all(isinstance(p, BOFTAttnProcessor) for p in unet.attn_processors.values())
+    assert dict(unet.attn_processors) == originals  # diffusers' processors keep running, over wrapped projections
+    wrapped = [n for n, m in unet.named_modules() if isinstance(m, BOFTLinear)]
+    assert wrapped and all(n.endswith(("to_q", "to_k", "to_v", "to_out.0")) for n in wrapped)
     torch.testing.assert_close(run_unet(unet, inputs), base, atol=1e-6, rtol=0)
     randomize_boft(unet, generator=torch.Generator().manual_seed(0))
     assert (run_unet(unet, inputs) - base).abs().max() > 1e-3
     remove_boft(unet)
-    assert {n: type(p) for n, p in unet.attn_processors.items()} == originals
+    assert dict(unet.attn_processors) == originals
+    assert all(modules[n] is m for n, m in unet.named_modules())  # the very same module objects
     assert torch.equal(run_unet(unet, inputs), base)
     assert not any("boft" in n for n, _ in unet.named_parameters())
 
@@ -92,14 +96,14 @@ def test_factor_mask_selects_any_subset(unet_dirs):
     torch.testing.assert_close(run_unet(unet, inputs), run_unet(reference, inputs), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="0..3"):
         set_active_factors(unet, 4)
-    with pytest.raises(ValueError, match="3 entries"):
+    with pytest.raises(ValueError, match="3 booleans"):
         set_active_factors(unet, mask=[True])
 
 
 def test_fuse_matches_and_unfuse_restores_base_weights_exactly(unet_dirs, layout):
     unet = adapted(unet_dirs, layout)
     inputs = unet_inputs(unet)
-    before = {n: p.clone() for n, p in unet.named_parameters() if "processor" not in n}
+    before = {n: p.clone() for n, p in unet.named_parameters() if ".boft." not in n}
     unfused = run_unet(unet, inputs)
     fuse_boft(unet)
     torch.testing.assert_close(run_unet(unet, inputs), unfused, atol=1e-5, rtol=0)
@@ -107,7 +111,7 @@ def test_fuse_matches_and_unfuse_restores_base_weights_exactly(unet_dirs, layout
     fused_k1 = run_unet(unet, inputs)
     unfuse_boft(unet)
     torch.testing.assert_close(run_unet(unet, inputs), fused_k1, atol=1e-5, rtol=0)
-    assert all(torch.equal(p, before[n]) for n, p in unet.named_parameters() if "processor" not in n)
+    assert all(torch.equal(p, before[n]) for n, p in unet.named_parameters() if ".boft." not in n)
 
 
 def test_save_load_round_trip(unet_dirs, layout, tmp_path):
@@ -116,7 +120,7 @@ def test_save_load_round_trip(unet_dirs, layout, tmp_path):
     expected = run_unet(unet, inputs)
     unet.requires_grad_(False)  # a frozen adapter still saves its learned scale s
     save_boft(unet, tmp_path / "adapter")
-    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["boft_config.json", "boft_weights.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["README.md", "boft_config.json", "boft_weights.safetensors"]
     fresh = load_unet(unet_dirs, layout)
     config = load_boft(fresh, tmp_path / "adapter")
     assert config.n_butterfly_factors == 3
@@ -139,13 +143,13 @@ def test_training_step_updates_only_adapter(unet_dirs):
     unet = adapted(unet_dirs).train()
     params = boft_parameters(unet)
     opt = torch.optim.SGD(params, lr=0.1)
-    base = {n: p.clone() for n, p in unet.named_parameters() if "processor" not in n}
+    base = {n: p.clone() for n, p in unet.named_parameters() if ".boft." not in n}
     before = [p.clone() for p in params]
     unet(**unet_inputs(unet)).sample.pow(2).mean().backward()
     opt.step()
     assert all(p.grad is not None for p in params)
     assert any(not torch.equal(a, b) for a, b in zip(before, params))
-    assert all(torch.equal(p, base[n]) for n, p in unet.named_parameters() if "processor" not in n)
+    assert all(torch.equal(p, base[n]) for n, p in unet.named_parameters() if ".boft." not in n)
 
 
 def test_two_adapters_compose_and_can_be_switched(unet_dirs):

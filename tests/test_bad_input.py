@@ -10,7 +10,7 @@ from tiny_unets import load_unet, run_unet, unet_inputs
 
 from boft_diffusion import BOFTConfig, add_boft, load_boft, save_boft
 from boft_diffusion import io as boft_io
-from boft_diffusion.attention import BOFTAttnProcessor, select_backend
+from boft_diffusion.layers import BOFTLinear
 from boft_diffusion.unet import randomize_boft
 
 
@@ -23,7 +23,7 @@ def saved_adapter(unet_dirs, folder, layout="sd1", **config):
 
 
 def assert_untouched(unet):
-    assert not any(isinstance(p, BOFTAttnProcessor) for p in unet.attn_processors.values())
+    assert not any(isinstance(m, BOFTLinear) for m in unet.modules()) and not hasattr(unet, "boft_registry")
 
 
 def test_invalid_block_settings_name_the_layer_and_valid_choices(unet_dirs):
@@ -146,15 +146,11 @@ def test_peft_adapter_outside_attention_is_refused(unet_dirs, tmp_path):
         load_boft(load_unet(unet_dirs), folder)
 
 
-def test_adapter_name_clash_and_backend_selection(unet_dirs):
+def test_adapter_name_clash(unet_dirs):
     unet = load_unet(unet_dirs)
     add_boft(unet, BOFTConfig(block_size=4))
     with pytest.raises(ValueError, match="already installed"):
         add_boft(unet, BOFTConfig(block_size=4))
-    cpu = torch.device("cpu")
-    assert select_backend("auto", cpu) == "sdpa"
-    assert select_backend("sdpa", cpu) == "sdpa"
-    with pytest.raises(RuntimeError, match="xformers attention needs the xformers package and CUDA"):
-        select_backend("xformers", cpu)
-    with pytest.raises(ValueError, match="backend must be one of"):
-        select_backend("flash", cpu)
+    for bad in ("", "a.b", 3):
+        with pytest.raises(ValueError, match="Adapter names are non-empty strings without dots"):
+            add_boft(unet, BOFTConfig(block_size=4), bad)
