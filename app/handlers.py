@@ -374,7 +374,9 @@ class ModelHolder:
         def on_step(pipe, i, t, tensors):
             done[0] += 1
             if should_stop is not None and should_stop():
-                raise Cancelled(f"Cancelled after {done[0]} of {total} denoising steps.")
+                message = f"Cancelled after {done[0]} of {total} denoising steps."
+                logger.info(message)  # the client may be gone: the log is where this is seen
+                raise Cancelled(message)
             if progress is not None:
                 progress(min(done[0], total), total)
             return tensors

@@ -45,8 +45,7 @@ def guarded(fn):
             return await asyncio.to_thread(fn, *args, **kwargs)
         except gr.Error:
             raise
-        except Cancelled as err:
-            logger.info("%s: %s", fn.__name__, err)
+        except Cancelled as err:  # logged where it was raised
             raise gr.Error(f"Stopped: {err}", print_exception=False) from None
         except Exception:
             logger.exception("%s failed", fn.__name__)
