@@ -1,4 +1,5 @@
-# Two entry points on a fresh machine: `make demo` (the main job) and `make test` (the suite).
+# Two entry points on a fresh machine: `make demo` (the main job; `make demo-seg` for segmentation
+# control) and `make test` (the suite).
 # Both create .venv and install the project into it. constraints-cpu.txt pins the lean CPU
 # wheel of torch for machines without a GPU; on a GPU machine run `make CONSTRAINTS= ...`.
 
@@ -8,7 +9,7 @@ CONSTRAINTS ?= -c constraints-cpu.txt
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: demo test app bench clean
+.PHONY: demo demo-seg test app bench clean
 
 $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +19,9 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 
 demo: $(VENV)/.installed
 	$(PY) -m training.demo --output_dir outputs/demo
+
+demo-seg: $(VENV)/.installed
+	$(PY) -m training.demo --task segmentation --output_dir outputs/demo-seg
 
 # Fails when no test ran (pytest exit code 5), never passes silently.
 test: $(VENV)/.installed

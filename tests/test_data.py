@@ -8,7 +8,11 @@ import numpy as np
 import pytest
 
 from boft_diffusion.data import (
+    ADE20K_CLASSES,
+    ADE20K_PALETTE,
     COLORS,
+    SEG_ADE20K_CLASSES,
+    SEG_CLASSES,
     SEG_PALETTE,
     SHAPES,
     Subject,
@@ -16,8 +20,10 @@ from boft_diffusion.data import (
     decode_segmentation,
     landmarks,
     make_dataset,
+    nearest_color_index,
     make_sample,
     render,
+    render_ade20k_annotation,
     render_landmarks,
     render_segmentation,
     sample_scene,
@@ -91,9 +97,39 @@ def test_segmentation_classes_and_palette_round_trip():
     assert seg.shape == (32, 32) and seg.dtype == np.uint8
     assert set(np.unique(seg)) == {0} | {1 + SHAPES.index(s.kind) for s in sc.shapes}
     rendered = render_segmentation(seg)
-    assert np.array_equal(np.asarray(rendered)[seg == 0], np.zeros(((seg == 0).sum(), 3)))
+    assert (np.asarray(rendered)[seg == 0] == (120, 120, 120)).all()  # background painted as ADE20K's "wall"
     np.testing.assert_array_equal(decode_segmentation(rendered), seg)
-    assert SEG_PALETTE.shape == (4, 3)
+    noisy = np.clip(np.asarray(rendered, np.int16) + np.random.default_rng(0).integers(-12, 13, (32, 32, 3)), 0, 255)
+    np.testing.assert_array_equal(decode_segmentation(noisy.astype(np.uint8)), seg)  # compressed maps decode too
+
+
+def test_ade20k_palette_is_the_published_one():
+    assert ADE20K_PALETTE.shape == (150, 3) and ADE20K_PALETTE.dtype == np.uint8 and len(ADE20K_CLASSES) == 150
+    assert ADE20K_PALETTE[:4].tolist() == [[120, 120, 120], [180, 120, 120], [6, 230, 230], [80, 50, 50]]
+    assert ADE20K_CLASSES[:4] == ("wall", "building", "sky", "floor")
+    assert ADE20K_CLASSES[-1] == "flag" and ADE20K_PALETTE[-1].tolist() == [92, 0, 255]
+    assert ADE20K_CLASSES[12] == "person" and ADE20K_PALETTE[12].tolist() == [150, 5, 61]
+    # The synthetic classes are drawn in the colours of the ADE20K classes they stand for.
+    assert list(SEG_ADE20K_CLASSES) == list(SEG_CLASSES)
+    for i, name in enumerate(SEG_CLASSES):
+        assert SEG_PALETTE[i].tolist() == ADE20K_PALETTE[ADE20K_CLASSES.index(SEG_ADE20K_CLASSES[name])].tolist()
+
+
+def test_ade20k_class_maps_render_and_decode_back():
+    labels = np.random.default_rng(0).integers(0, 151, (40, 24))  # annotation convention: 0 = unlabelled
+    rendered = np.asarray(render_ade20k_annotation(labels))
+    assert rendered.shape == (40, 24, 3)
+    assert (rendered[labels == 0] == 0).all()
+    assert (rendered[labels == 3] == ADE20K_PALETTE[2]).all()  # annotation 3 = class 2, "sky"
+    palette = np.concatenate([[[0, 0, 0]], ADE20K_PALETTE])
+    decoded = nearest_color_index(rendered, palette)
+    # ADE20K's palette paints "road" and "skyscraper" alike (140, 140, 140): equal up to that pair.
+    alias = {ADE20K_CLASSES.index("skyscraper") + 1: ADE20K_CLASSES.index("road") + 1}
+    np.testing.assert_array_equal(decoded, np.vectorize(lambda v: alias.get(v, v))(labels))
+    with pytest.raises(ValueError, match="up to 151.*remap its classes"):
+        render_ade20k_annotation(np.full((4, 4), 151))
+    with pytest.raises(ValueError, match="2-d integer"):
+        render_ade20k_annotation(np.zeros((4, 4), np.float32))
 
 
 def test_subject_views_differ_but_share_the_subject_colours():

@@ -1,6 +1,8 @@
 """Synthetic data the tiny model and the trainers draw on demand: shapes, controls, a subject."""
 
+from .ade20k import ADE20K_CLASSES, ADE20K_PALETTE, nearest_color_index, render_ade20k_annotation
 from .conditioning import (
+    SEG_ADE20K_CLASSES,
     SEG_CLASSES,
     SEG_PALETTE,
     decode_segmentation,
@@ -15,6 +17,7 @@ from .shapes import BACKGROUNDS, COLORS, SHAPES, Scene, Shape, caption, render, 
 from .subject import DEFAULT_SUBJECT, Subject, subject_images, subject_scene
 
 __all__ = [
+    "ADE20K_CLASSES", "ADE20K_PALETTE", "SEG_ADE20K_CLASSES", "nearest_color_index", "render_ade20k_annotation",
     "BACKGROUNDS", "COLORS", "DEFAULT_SUBJECT", "KINDS", "SEG_CLASSES", "SEG_PALETTE", "SHAPES",
     "Scene", "Shape", "Subject", "caption", "decode_segmentation", "iter_samples", "landmarks",
     "load_image_folder", "make_dataset", "make_sample", "render", "render_landmarks",

@@ -11,15 +11,16 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .ade20k import ADE20K_CLASSES, ADE20K_PALETTE, nearest_color_index
 from .shapes import SHAPES, SUPERSAMPLE, Scene, Shape, shape_mask
 
 # Segmentation classes: 0 is background, then one class per shape kind.
 SEG_CLASSES: tuple[str, ...] = ("background",) + SHAPES
-# Palette far from the photo colours' meaning: the map says *where* and *which shape*, the
-# prompt says which colour.
-SEG_PALETTE: np.ndarray = np.array(
-    [(0, 0, 0), (255, 0, 255), (0, 255, 255), (255, 128, 0)], dtype=np.uint8
-)  # (n_classes, 3)
+# Each painted as the ADE20K class it stands for, so the maps speak the language of every
+# ADE20K-trained segmentation ControlNet: the plain backdrop is a wall, a circle a ball, a square
+# a box, a triangle a tent. The map says *where* and *which shape*; the prompt says which colour.
+SEG_ADE20K_CLASSES: dict[str, str] = {"background": "wall", "circle": "ball", "square": "box", "triangle": "tent"}
+SEG_PALETTE: np.ndarray = ADE20K_PALETTE[[ADE20K_CLASSES.index(SEG_ADE20K_CLASSES[c]) for c in SEG_CLASSES]]  # (4, 3)
 
 
 def shape_landmarks(s: Shape) -> np.ndarray:
@@ -66,6 +67,4 @@ def render_segmentation(seg: np.ndarray) -> Image.Image:
 
 def decode_segmentation(image) -> np.ndarray:
     """Inverse of `render_segmentation`: nearest palette colour per pixel -> class index."""
-    arr = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image, np.int32)
-    d = ((arr[:, :, None, :] - SEG_PALETTE[None, None].astype(np.int32)) ** 2).sum(-1)  # (H, W, C)
-    return d.argmin(-1).astype(np.uint8)
+    return nearest_color_index(image, SEG_PALETTE).astype(np.uint8)
