@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import numbers
 import threading
 from dataclasses import dataclass
 from typing import Callable
@@ -92,8 +93,9 @@ class Limits:
 
 
 def _integer(what: str, value) -> int:
-    """An int from the API's JSON (5, 5.0), refusing 5.5, True, "5" and NaN."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
+    """An int from the API's JSON (5, 5.0), refusing 5.5, True, "5", NaN and infinity."""
+    if isinstance(value, bool) or not (isinstance(value, numbers.Integral) or (
+            isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer())):
         raise ValueError(f"{what} must be a whole number, got {value!r}.")
     return int(value)
 

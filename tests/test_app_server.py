@@ -345,3 +345,14 @@ def test_auth_sources(tmp_path):
     (tmp_path / "bad").write_text("ann\n")
     with pytest.raises(ValueError, match="--auth_file line 1 must be USER:PASSWORD"):
         parse_auth([], tmp_path / "bad", env={})
+
+
+def test_limits_take_whole_numbers_and_spread_strip_columns():
+    limits = Limits(max_strip_images=4)
+    assert limits.check_steps(5.0) == 5 and limits.check_seed(np.int64(3)) == 3
+    for bad in (True, 2.5, "5", float("nan"), None):
+        with pytest.raises(ValueError, match="Steps must be a whole number"):
+            limits.check_steps(bad)
+    assert limits.strip_ks(3) == [3, 2, 1, 0] and limits.strip_ks(9) == [9, 6, 3, 0]
+    with pytest.raises(ValueError, match="--max_upload_mb must be a positive number"):
+        Limits(max_upload_mb=float("nan"))
