@@ -141,7 +141,9 @@ def exposure_warning(host: str, auth: bool) -> str | None:
     """What to say when `host` serves beyond this machine (None on loopback)."""
     if is_loopback(host):
         return None
-    who = ("anyone who can reach this port can use the model" if not auth
-           else "logins travel in clear text over plain HTTP")
-    return (f"Serving on {host}, beyond this machine: {who}. Use --auth USER:PASSWORD (or --auth_file, "
-            f"${AUTH_ENV}) and a reverse proxy with TLS in front; see docs/app.md, 'Serving beyond localhost'.")
+    advice = "see docs/app.md, 'Serving beyond localhost'"
+    if auth:
+        return (f"Serving on {host}, beyond this machine: logins travel in clear text over plain HTTP. "
+                f"Put a reverse proxy with TLS in front; {advice}.")
+    return (f"Serving on {host}, beyond this machine, without a login: anyone who can reach this port can use "
+            f"the model. Use --auth USER:PASSWORD (or --auth_file, ${AUTH_ENV}) and a reverse proxy with TLS; {advice}.")

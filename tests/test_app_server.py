@@ -320,7 +320,7 @@ def test_beyond_loopback_warns_and_auth_is_required(holder, caplog):
     with caplog.at_level(logging.WARNING, logger="app"):
         launch(demo, host="0.0.0.0", port=port, block=False, quiet=True, auth=[("ann", "s3cret")])
     try:
-        assert any("beyond this machine" in r.getMessage() and "--auth" in r.getMessage() for r in caplog.records)
+        assert any("beyond this machine" in r.getMessage() and "TLS" in r.getMessage() for r in caplog.records)
         url = f"http://127.0.0.1:{port}/"
         with pytest.raises(Exception):
             Client(url, verbose=False)
@@ -333,6 +333,7 @@ def test_beyond_loopback_warns_and_auth_is_required(holder, caplog):
         demo.close()
     assert exposure_warning("127.0.0.1", False) is None and exposure_warning("::1", False) is None
     assert "clear text" in exposure_warning("example.org", True)
+    assert "without a login" in exposure_warning("10.0.0.5", False) and "--auth" in exposure_warning("10.0.0.5", False)
 
 
 def test_auth_sources(tmp_path):
