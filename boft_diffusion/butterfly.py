@@ -21,6 +21,9 @@ from typing import Sequence
 import torch
 
 
+CPU_SOLVE_ONE_BY_ONE = 64  # block size from which CPU Cayley solves go block by block (see cayley)
+
+
 def num_skew_params(block_size: int) -> int:
     """Free entries of one b x b skew-symmetric block (its strict upper triangle)."""
     return block_size * (block_size - 1) // 2
@@ -52,6 +55,13 @@ def cayley(packed: torch.Tensor, block_size: int) -> torch.Tensor:
     dtype = torch.promote_types(packed.dtype, torch.float32)
     skew = skew_from_packed(packed.to(dtype), block_size)
     eye = torch.eye(block_size, device=packed.device, dtype=dtype)
+    if packed.device.type == "cpu" and block_size >= CPU_SOLVE_ONE_BY_ONE and torch.get_num_threads() > 1 and skew.ndim > 2:
+        # Batched CPU solves of blocks >= ~150 with more than one thread return garbage or raise
+        # "Pivots given to lu_solve..." (torch 2.13 + MKL); one block at a time is right, and at
+        # this size the loop's overhead is small next to each solve.
+        flat = skew.reshape(-1, block_size, block_size)  # (blocks, b, b)
+        solved = [torch.linalg.solve(eye + s, eye - s) for s in flat.unbind()]
+        return torch.stack(solved).reshape(skew.shape) if solved else torch.empty_like(skew)
     return torch.linalg.solve(eye + skew, eye - skew)
 
 
@@ -138,13 +148,16 @@ def rotate_by_chunks(x: torch.Tensor, chunks: torch.Tensor) -> torch.Tensor:
     return torch.bmm(xv, chunks.to(x.dtype)).transpose(0, 1).reshape(x.shape)
 
 
+def fits(features: int, block_size: int, n_factors: int) -> bool:
+    """d % (b * 2^(m-1)) == 0 and b even when m > 1; never builds 2^(m-1) for an m that cannot fit."""
+    if not (1 <= block_size <= features and n_factors >= 1) or n_factors - 1 >= features.bit_length():
+        return False
+    return features % (block_size << (n_factors - 1)) == 0 and (n_factors == 1 or block_size % 2 == 0)
+
+
 def valid_block_sizes(features: int, n_factors: int) -> list[int]:
     """Block sizes b that fit `features` with `n_factors` butterfly factors."""
-    return [
-        b
-        for b in range(1, features + 1)
-        if features % (b * 2 ** (n_factors - 1)) == 0 and (n_factors == 1 or b % 2 == 0)
-    ]
+    return [b for b in range(1, features + 1) if fits(features, b, n_factors)]
 
 
 def max_factors(features: int, block_size: int) -> int:
@@ -183,9 +196,7 @@ def resolve_blocks(
             )
         block_size = features // block_num
     assert block_size is not None
-    if block_size < 1 or block_size > features or features % (block_size * 2 ** (n_factors - 1)) or (
-        n_factors > 1 and block_size % 2
-    ):
+    if not fits(features, block_size, n_factors):
         sizes = valid_block_sizes(features, n_factors)
         hint = f"valid block_size for m={n_factors}: {_nearest(sizes, block_size)}" if sizes else (
             f"no block size fits m={n_factors}"

@@ -4,14 +4,32 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .butterfly import resolve_blocks
+from .files import read_json_object
 
 CONFIG_NAME = "boft_config.json"
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 INITS = ("identity", "random")
+MAX_FEATURES = 2**16  # no projection is wider; bounds b and d/b before any arithmetic
+MAX_FACTORS = MAX_FEATURES.bit_length()  # m <= 1 + log2(d/b); more can never fit
+
+
+def integer_field(name: str, value, low: int, high: int) -> int:
+    """`value` as an int in [low, high], else a ValueError naming the field (bools and 8.0 are not ints)."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not low <= value <= high:
+        raise ValueError(f"{name} must be an integer from {low} to {high}, got {value!r} ({type(value).__name__}).")
+    return int(value)
+
+
+def fraction_field(name: str, value) -> float:
+    """`value` as a float in [0, 1), else a ValueError naming the field."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r} ({type(value).__name__}).")
+    return float(value)
 
 
 @dataclass
@@ -40,26 +58,39 @@ class BOFTConfig:
     )
 
     def __post_init__(self) -> None:
+        """Each field's type and bounds first (so no arithmetic ever sees a string or a huge m),
+        then how the fields combine."""
+        sizes = {"block_size": self.block_size, "block_num": self.block_num}
+        for name, value in sizes.items():
+            if value is not None:
+                setattr(self, name, integer_field(name, value, 1, MAX_FEATURES))
+        self.n_butterfly_factors = integer_field("n_butterfly_factors", self.n_butterfly_factors, 1, MAX_FACTORS)
+        targets = self.target_modules
+        if isinstance(targets, (str, bytes)) or not isinstance(targets, (list, tuple)) or not all(
+            isinstance(t, str) for t in targets
+        ):
+            raise ValueError(f"target_modules must be a list of names from {list(PROJECTIONS)}, got {targets!r}.")
+        self.target_modules = list(targets)
+        unknown = [t for t in self.target_modules if t not in PROJECTIONS]
+        if unknown or not self.target_modules or len(set(targets)) != len(targets):
+            raise ValueError(
+                f"target_modules must be a non-empty list of distinct names from {list(PROJECTIONS)}, got {targets!r}."
+            )
+        self.dropout = fraction_field("dropout", self.dropout)
+        if not isinstance(self.train_scale, bool):
+            raise ValueError(f"train_scale must be true or false, got {self.train_scale!r}.")
+        if not isinstance(self.init, str) or self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}.")
         if (self.block_size is None) == (self.block_num is None):
             raise ValueError(
                 f"BOFTConfig needs exactly one of block_size or block_num, got block_size={self.block_size}, "
                 f"block_num={self.block_num}."
             )
-        if self.n_butterfly_factors < 1:
-            raise ValueError(f"n_butterfly_factors must be >= 1, got {self.n_butterfly_factors}.")
         if self.block_size is not None and self.n_butterfly_factors > 1 and self.block_size % 2:
             raise ValueError(
                 f"block_size={self.block_size} must be even when n_butterfly_factors > 1 "
                 f"(each factor pairs half-blocks); try {self.block_size - 1} or {self.block_size + 1}."
             )
-        self.target_modules = list(self.target_modules)
-        unknown = [t for t in self.target_modules if t not in PROJECTIONS]
-        if unknown or not self.target_modules:
-            raise ValueError(f"target_modules must be a non-empty subset of {list(PROJECTIONS)}, got {unknown or []}.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
-        if self.init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {self.init!r}.")
 
     def blocks_for(self, features: int, layer: str) -> tuple[int, int]:
         """(block_size, block_num) for a projection with `features` inputs; ValueError names the layer."""
@@ -70,6 +101,8 @@ class BOFTConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "BOFTConfig":
+        if not isinstance(data, dict):
+            raise ValueError(f"A BOFT config is a JSON object of fields, got a {type(data).__name__}.")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -81,14 +114,13 @@ class BOFTConfig:
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> "BOFTConfig":
+        """Read and validate a saved config; every error names the file (and the field)."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"No BOFT config at {path}.")
+        data = read_json_object(path)
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON ({err}); the adapter folder is corrupt.") from err
-        return cls.from_dict(data)
+            return cls.from_dict(data)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from err
 
     @staticmethod
     def help_text(name: str) -> str:

@@ -1,24 +1,25 @@
 """Adapter files: our folder (boft_config.json + boft_weights.safetensors) and PEFT's BOFT folder.
 
-Writes are atomic (temp file in the same folder, then rename), so a crash never leaves a
-half-written adapter in place of a good one. Loading validates everything against the UNet
-before installing anything. No pickle is ever unpickled.
+An adapter folder is written as a unit (`files.write_folder`), so a crash never leaves a
+half-written adapter or a mix of two. Loading validates the config field by field and the
+tensor shapes from the safetensors header (against the UNet) before any tensor is read, refuses
+NaN/Inf, and installs nothing until everything passed. No pickle is ever unpickled.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from .butterfly import packed_from_matrix, skew_from_packed
-from .config import CONFIG_NAME, PROJECTIONS, BOFTConfig
+from .butterfly import num_skew_params, packed_from_matrix, skew_from_packed
+from .config import CONFIG_NAME, MAX_FEATURES, PROJECTIONS, BOFTConfig, fraction_field, integer_field
 from .adapter import base_module
-from .files import atomic_write, readable_folder, write_folder
+from .files import read_json_object, read_tensors, readable_folder, require_finite, write_folder, write_tensors, write_text
 from .identifier import IDENTIFIER_FILE, load_identifier_embeddings, save_identifier_embeddings
 from .unet import (
     add_boft,
@@ -39,15 +40,6 @@ PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PICKLE_NAME = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
-
-
-def _write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
-def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def adapter_state_dict(unet, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
@@ -86,14 +78,14 @@ def save_boft(
     def fill(tmp: Path) -> None:
         metadata = {"format": "pt", "boft_config": config.to_json_string()}
         write_tensors(tmp / WEIGHTS_NAME, adapter_state_dict(unet, name), metadata)
-        _write_text(tmp / CONFIG_NAME, config.to_json_string())
+        write_text(tmp / CONFIG_NAME, config.to_json_string())
         if adapter.control_head is not None:
             adapter.control_head.save_pretrained(tmp / CONTROL_HEAD_FOLDER)
         if adapter.identifier is not None:
             save_identifier_embeddings(adapter.identifier, tmp)
-        _write_text(tmp / CARD_NAME, adapter_card(unet, name, base_model, card_text))
+        write_text(tmp / CARD_NAME, adapter_card(unet, name, base_model, card_text))
 
-    write_folder(folder, fill)
+    write_folder(folder, fill, owns=(CONFIG_NAME, WEIGHTS_NAME, CONTROL_HEAD_FOLDER, IDENTIFIER_FILE, CARD_NAME))
     if push_to_hub:
         push_folder(folder, repo_id, private=private, token=token)
     return folder
@@ -175,92 +167,176 @@ def resolve_adapter_path(path_or_hub_id: str | os.PathLike, subfolder: str | Non
     return folder
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{path} is not a readable safetensors file ({err}); it may be truncated or corrupt.") from err
+ShapeCheck = Callable[[BOFTConfig, dict[str, tuple[int, ...]]], None]
 
 
 def _read_pickle_weights(path: Path) -> dict[str, torch.Tensor]:
+    """PEFT's older adapter_model.bin as plain tensors (weights_only: nothing is unpickled)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError or RuntimeError variants
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ... variants
         raise ValueError(
             f"{path} cannot be read as plain tensors ({err}); refusing to unpickle it. "
             "Convert it to adapter_model.safetensors with PEFT."
         ) from err
+    if not isinstance(raw, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) and v.is_floating_point() for k, v in raw.items()
+    ):
+        raise ValueError(f"{path} does not hold named floating point tensors; it is not a PEFT BOFT adapter.")
+    return raw
 
 
-def _read_our_folder(folder: Path) -> tuple[BOFTConfig, dict[str, torch.Tensor]]:
+def _read_our_folder(folder: Path, check: ShapeCheck | None) -> tuple[BOFTConfig, dict[str, torch.Tensor]]:
     config = BOFTConfig.from_json_file(folder / CONFIG_NAME)
-    if not (folder / WEIGHTS_NAME).is_file():
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
         raise FileNotFoundError(f"{folder} has {CONFIG_NAME} but no {WEIGHTS_NAME}.")
-    return config, _read_safetensors(folder / WEIGHTS_NAME)
+
+    def inspect(shapes: dict[str, tuple[int, ...]]) -> None:
+        for key, shape in shapes.items():
+            _check_our_tensor(config, key, shape, weights)
+        if check is not None:
+            check(config, shapes)
+
+    return config, read_tensors(weights, inspect)
 
 
-def _read_peft_folder(folder: Path) -> tuple[BOFTConfig, dict[str, torch.Tensor]]:
-    """PEFT BOFT adapter -> our config and state dict (boft_R's skew part, packed; s flattened)."""
-    try:
-        peft = json.loads((folder / PEFT_CONFIG_NAME).read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{folder / PEFT_CONFIG_NAME} is not valid JSON ({err}).") from err
-    if peft.get("peft_type") != "BOFT":
-        raise ValueError(f"{folder} holds a PEFT {peft.get('peft_type')!r} adapter, not BOFT.")
-    if peft.get("bias", "none") != "none" or peft.get("modules_to_save"):
-        raise ValueError(f"{folder}: PEFT adapters that also train biases or extra modules are not supported.")
-    if (folder / PEFT_WEIGHTS_NAME).is_file():
-        raw = _read_safetensors(folder / PEFT_WEIGHTS_NAME)
-    elif (folder / PEFT_PICKLE_NAME).is_file():
-        raw = _read_pickle_weights(folder / PEFT_PICKLE_NAME)
+def _check_our_tensor(config: BOFTConfig, key: str, shape: tuple[int, ...], path: Path) -> None:
+    """One tensor's shape against the config alone: skew (m, d/b, b(b-1)/2), s (out,)."""
+    m, b, n = config.n_butterfly_factors, config.block_size, config.block_num
+    if key.endswith(".boft_skew"):
+        expected = f"({m}, {n or 'd/b'}, {num_skew_params(b) if b else 'b(b-1)/2'})"
+        ok = len(shape) == 3 and shape[0] == m and shape[1] >= 1 and shape[1] == (n or shape[1]) and (
+            shape[2] == num_skew_params(b) if b else _is_triangular(shape[2])
+        )
+    elif key.endswith(".boft_s"):
+        expected, ok = "(out,)", len(shape) == 1 and shape[0] >= 1
     else:
-        raise FileNotFoundError(f"{folder} has {PEFT_CONFIG_NAME} but neither {PEFT_WEIGHTS_NAME} nor {PEFT_PICKLE_NAME}.")
-    state, projections, factors = {}, set(), set()
-    for key, tensor in raw.items():
-        path = key.removeprefix(PEFT_PREFIX)
-        for suffix in (".boft_R", ".boft_s"):
-            if path.endswith(suffix):
-                layer = path[: -len(suffix)]
-                break
-        else:
-            raise ValueError(f"{folder}: unexpected tensor {key!r} in a PEFT BOFT adapter.")
+        raise ValueError(f"{path}: unexpected tensor {key!r}; an adapter holds only <projection>.boft_skew and .boft_s.")
+    if not ok:
+        raise ValueError(f"{path}: tensor {key} has shape {shape}, but its {CONFIG_NAME} asks for {expected}.")
+
+
+def _is_triangular(count: int) -> bool:
+    """count == b(b-1)/2 for some block size b >= 1."""
+    b = (1 + math.isqrt(1 + 8 * count)) // 2
+    return b * (b - 1) // 2 == count
+
+
+def _read_peft_config(path: Path) -> dict:
+    """PEFT's adapter_config.json, its BOFT fields checked by name: {block_size, block_num, dropout}."""
+    peft = read_json_object(path)
+    if peft.get("peft_type") != "BOFT":
+        raise ValueError(f"{path} describes a PEFT {peft.get('peft_type')!r} adapter, not BOFT.")
+    if peft.get("bias", "none") not in ("none", None) or peft.get("modules_to_save"):
+        raise ValueError(f"{path}: PEFT adapters that also train biases or extra modules are not supported.")
+    fields = {k: 0 if peft.get(k) is None else peft[k] for k in ("boft_block_size", "boft_block_num", "boft_dropout")}
+    try:
+        layout = {
+            "block_size": integer_field("boft_block_size", fields["boft_block_size"], 0, MAX_FEATURES),
+            "block_num": integer_field("boft_block_num", fields["boft_block_num"], 0, MAX_FEATURES),
+            "dropout": fraction_field("boft_dropout", fields["boft_dropout"]),
+        }
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
+    if not layout["block_size"] and not layout["block_num"]:
+        raise ValueError(f"{path} sets neither boft_block_size nor boft_block_num.")
+    return layout
+
+
+def _peft_shapes(
+    path: Path, layout: dict, shapes: dict[str, tuple[int, ...]]
+) -> tuple[BOFTConfig, dict[str, str], dict[str, tuple[int, ...]]]:
+    """From PEFT tensor shapes (boft_R [m, d/b, b, b], boft_s [out, 1]) alone: our config,
+    PEFT key -> our key, and our shapes (skew (m, d/b, b(b-1)/2), s (out,))."""
+    b, n = layout["block_size"], layout["block_num"]
+    keys, ours, factors, projections = {}, {}, set(), set()
+    for key, shape in shapes.items():
+        name = key.removeprefix(PEFT_PREFIX)
+        suffix = next((s for s in (".boft_R", ".boft_s") if name.endswith(s)), None)
+        if suffix is None:
+            raise ValueError(f"{path}: unexpected tensor {key!r} in a PEFT BOFT adapter.")
+        layer = name[: -len(suffix)]
         projection = next((p for p in PROJECTIONS if layer.endswith("." + p)), None)
         if projection is None:
             raise ValueError(
-                f"{folder}: {layer} is not an attention projection ({', '.join(PROJECTIONS)}); "
+                f"{path}: {layer} is not an attention projection ({', '.join(PROJECTIONS)}); "
                 "only adapters on attention projections can be loaded."
             )
         projections.add(projection)
         if suffix == ".boft_R":
-            if tensor.ndim != 4 or tensor.shape[-1] != tensor.shape[-2]:
-                raise ValueError(f"{folder}: {key} has shape {tuple(tensor.shape)}, expected [m, d/b, b, b].")
-            factors.add(tensor.shape[0])
-            state[f"{layer}.boft_skew"] = packed_from_matrix(tensor.float())
+            if not (len(shape) == 4 and min(shape) >= 1 and shape[2] == shape[3] == (b or shape[2]) and shape[1] == (n or shape[1])):
+                raise ValueError(
+                    f"{path}: {key} has shape {list(shape)}, expected [m, {n or 'd/b'}, {b or 'b'}, {b or 'b'}] "
+                    "as its adapter_config.json says."
+                )
+            factors.add(shape[0])
+            keys[key], ours[f"{layer}.boft_skew"] = f"{layer}.boft_skew", (shape[0], shape[1], num_skew_params(shape[2]))
         else:
-            state[f"{layer}.boft_s"] = tensor.float().reshape(-1)
+            if not (len(shape) == 2 and shape[0] >= 1 and shape[1] == 1):
+                raise ValueError(f"{path}: {key} has shape {list(shape)}, expected [out, 1].")
+            keys[key], ours[f"{layer}.boft_s"] = f"{layer}.boft_s", (shape[0],)
     if len(factors) != 1:
-        raise ValueError(f"{folder}: boft_R tensors disagree on the number of factors ({sorted(factors)}).")
-    block_size, block_num = peft.get("boft_block_size") or None, peft.get("boft_block_num") or None
-    config = BOFTConfig(
-        block_size=block_size,
-        block_num=None if block_size else block_num,
-        n_butterfly_factors=factors.pop(),
-        target_modules=[p for p in PROJECTIONS if p in projections],
-        dropout=float(peft.get("boft_dropout", 0.0)),
-        train_scale=True,
-    )
-    return config, state
+        raise ValueError(f"{path}: boft_R tensors disagree on the number of factors ({sorted(factors)}) or are missing.")
+    try:
+        config = BOFTConfig(
+            block_size=b or None,
+            block_num=None if b else n,
+            n_butterfly_factors=factors.pop(),
+            target_modules=[p for p in PROJECTIONS if p in projections],
+            dropout=layout["dropout"],
+            train_scale=True,
+        )
+    except ValueError as err:
+        raise ValueError(f"{path}: {err} (n_butterfly_factors is boft_R's first dimension)") from err
+    return config, keys, ours
 
 
-def read_adapter(path: str | os.PathLike) -> tuple[BOFTConfig, dict[str, torch.Tensor], str]:
-    """(config, state dict, 'boft' | 'peft') from an adapter folder of either format."""
+def _read_peft_folder(folder: Path, check: ShapeCheck | None) -> tuple[BOFTConfig, dict[str, torch.Tensor]]:
+    """PEFT BOFT adapter -> our config and state dict (boft_R's skew part, packed; s flattened)."""
+    layout = _read_peft_config(folder / PEFT_CONFIG_NAME)
+    found: dict = {}
+
+    def inspect(shapes: dict[str, tuple[int, ...]]) -> None:
+        found["config"], found["keys"], ours = _peft_shapes(path, layout, shapes)
+        if check is not None:
+            check(found["config"], ours)
+
+    if (folder / PEFT_WEIGHTS_NAME).is_file():
+        path = folder / PEFT_WEIGHTS_NAME
+        raw = read_tensors(path, inspect)
+    elif (folder / PEFT_PICKLE_NAME).is_file():
+        path = folder / PEFT_PICKLE_NAME
+        raw = _read_pickle_weights(path)  # a pickle has no header: shapes are checked after reading
+        inspect({k: tuple(v.shape) for k, v in raw.items()})
+        raw = {k: v.float() for k, v in raw.items()}
+        for key, tensor in raw.items():
+            require_finite(tensor, key, path)
+    else:
+        raise FileNotFoundError(f"{folder} has {PEFT_CONFIG_NAME} but neither {PEFT_WEIGHTS_NAME} nor {PEFT_PICKLE_NAME}.")
+    state = {}
+    for key, tensor in raw.items():
+        ours = found["keys"][key]
+        state[ours] = packed_from_matrix(tensor) if ours.endswith(".boft_skew") else tensor.reshape(-1)
+    return found["config"], state
+
+
+def read_adapter(
+    path: str | os.PathLike, check: ShapeCheck | None = None
+) -> tuple[BOFTConfig, dict[str, torch.Tensor], str]:
+    """(config, state dict, 'boft' | 'peft') from an adapter folder of either format.
+
+    Config fields are validated by name; tensor shapes are checked against the config, then by
+    `check(config, shapes)` when given (load_boft checks them against the UNet), from the
+    safetensors header before any tensor is read or converted; NaN/Inf values are refused.
+    """
     folder = readable_folder(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"No adapter folder at {folder}.")
     if (folder / CONFIG_NAME).is_file() or (folder / WEIGHTS_NAME).is_file():
-        return (*_read_our_folder(folder), "boft")
+        return (*_read_our_folder(folder, check), "boft")
     if (folder / PEFT_CONFIG_NAME).is_file():
-        return (*_read_peft_folder(folder), "peft")
+        return (*_read_peft_folder(folder, check), "peft")
     present = sorted(p.name for p in folder.iterdir())[:10]
     raise FileNotFoundError(
         f"{folder} is not a BOFT adapter: expected {CONFIG_NAME} + {WEIGHTS_NAME} (boft-diffusion) or "
@@ -268,7 +344,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[BOFTConfig, dict[str, torch.T
     )
 
 
-def _check_state(unet, config: BOFTConfig, state: dict[str, torch.Tensor], source: Path) -> None:
+def _check_state(unet, config: BOFTConfig, shapes: dict[str, tuple[int, ...]], source: Path) -> None:
     """Every expected tensor present with the right shape, nothing extra: else a ValueError naming it."""
     try:
         plan = plan_rotations(unet, config)
@@ -279,17 +355,17 @@ def _check_state(unet, config: BOFTConfig, state: dict[str, torch.Tensor], sourc
         for projection, (d, out, b) in projections.items():
             expected[f"{attn}.{projection}.boft_skew"] = (config.n_butterfly_factors, d // b, b * (b - 1) // 2)
             expected[f"{attn}.{projection}.boft_s"] = (out,)
-    missing = sorted(k for k in expected if k not in state and not (k.endswith(".boft_s") and not config.train_scale))
-    unexpected = sorted(set(state) - set(expected))
+    missing = sorted(k for k in expected if k not in shapes and not (k.endswith(".boft_s") and not config.train_scale))
+    unexpected = sorted(set(shapes) - set(expected))
     if missing or unexpected:
         raise ValueError(
             f"Adapter {source} was made for another model: {len(missing)} tensors missing "
             f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})."
         )
-    for key, tensor in state.items():
-        if tuple(tensor.shape) != expected[key]:
+    for key, shape in shapes.items():
+        if tuple(shape) != expected[key]:
             raise ValueError(
-                f"Adapter {source} was made for another model: {key} has shape {tuple(tensor.shape)}, "
+                f"Adapter {source} was made for another model: {key} has shape {tuple(shape)}, "
                 f"this UNet needs {expected[key]}."
             )
 
@@ -313,8 +389,7 @@ def load_boft(
     them); a control head against `unet.conv_in` and, when given, the VAE's `vae_scale_factor`.
     """
     folder = resolve_adapter_path(path, subfolder, revision)
-    config, state, _ = read_adapter(folder)
-    _check_state(unet, config, state, folder)
+    config, state, _ = read_adapter(folder, check=lambda config, shapes: _check_state(unet, config, shapes, folder))
     head = _read_control_head(unet, folder, vae_scale_factor)
     identifier = None
     if (folder / IDENTIFIER_FILE).is_file():
@@ -393,5 +468,5 @@ def export_peft(unet, save_directory: str | os.PathLike, adapter_name: str | Non
     }
     folder = Path(save_directory)
     write_tensors(folder / PEFT_WEIGHTS_NAME, tensors, {"format": "pt"})
-    _write_text(folder / PEFT_CONFIG_NAME, json.dumps(peft_config, indent=2) + "\n")
+    write_text(folder / PEFT_CONFIG_NAME, json.dumps(peft_config, indent=2) + "\n")
     return folder

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from tiny_unets import load_unet, run_unet, unet_inputs
 
 from boft_diffusion import BOFTConfig, add_boft, load_boft, save_boft
-from boft_diffusion import io as boft_io
+from boft_diffusion import files as boft_files
 from boft_diffusion.layers import BOFTLinear
 from boft_diffusion.unet import randomize_boft
 
@@ -97,7 +97,7 @@ def test_failed_save_keeps_the_previous_files(unet_dirs, tmp_path, monkeypatch):
         open(path, "wb").write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(boft_io, "save_file", broken)
+    monkeypatch.setattr(boft_files, "save_file", broken)
     with pytest.raises(OSError, match="disk full"):
         save_boft(unet, tmp_path / "a")
     assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before  # no temp files left either
