@@ -94,11 +94,16 @@ def detach_control(unet: nn.Module) -> None:
     unet.conv_in.__dict__.pop(RESIDUAL_ATTR, None)
 
 
+def set_residual(unet: nn.Module, residual: torch.Tensor | None) -> None:
+    """The residual the next UNet calls add (None: none); e.g. changed per step for a guidance window."""
+    unet.conv_in.__dict__[RESIDUAL_ATTR] = residual
+
+
 @contextmanager
 def control_residual(unet: nn.Module, residual: torch.Tensor | None):
     """Within the block, every UNet call adds `residual` (the head's output) after conv_in."""
     attach_control(unet)
-    unet.conv_in.__dict__[RESIDUAL_ATTR] = residual
+    set_residual(unet, residual)
     try:
         yield
     finally:

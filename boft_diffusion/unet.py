@@ -176,9 +176,8 @@ def set_active_factors(
     every t, so the model moves smoothly from j factors to j + 1. Integer k is bit-identical to the
     whole-factor model. Trained values are never touched; `s` stays in effect.
     """
-    adapter = get_adapter(unet, adapter_name)
     name = require_adapter(unet, adapter_name)
-    m = adapter.n_factors
+    m = get_adapter(unet, name).n_factors
     if mask is not None:
         if k is not None:
             raise ValueError("Pass either k or mask, not both.")
@@ -188,6 +187,18 @@ def set_active_factors(
         scales = tuple(1.0 if a else 0.0 for a in values)
     else:
         scales = factor_scales(m if k is None else k, m, name)
+
+    set_factor_scales(unet, scales, name)
+
+
+def set_factor_scales(unet: nn.Module, scales: Sequence[float], adapter_name: str | None = None) -> None:
+    """Per-factor scales in [0, 1] of one adapter as they are (what `set_active_factors` computes;
+    also restores a state read from `BOFTAdapter.factor_scales`)."""
+    adapter = get_adapter(unet, adapter_name)
+    name = require_adapter(unet, adapter_name)
+    scales = tuple(float(s) for s in scales)
+    if len(scales) != adapter.n_factors or not all(0.0 <= s <= 1.0 for s in scales):
+        raise ValueError(f"Adapter {name!r} needs {adapter.n_factors} factor scales in [0, 1], got {scales}.")
 
     def change():
         adapter.factor_scales = scales

@@ -1,5 +1,6 @@
-"""diffusers pipelines for BOFT adapters: load adapters + control head, set active factors, fuse, interpolate."""
+"""diffusers pipelines for BOFT adapters: load adapters + control heads, set active factors, fuse, interpolate."""
 
-from .boft_pipeline import BOFTPipeline, interpolation_grid
+from .boft_pipeline import BOFTPipeline
+from .grid import interpolation_grid
 
 __all__ = ["BOFTPipeline", "interpolation_grid"]

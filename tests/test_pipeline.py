@@ -6,104 +6,15 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from sd_helpers import (  # noqa: F401  (fixtures)
+    CONFIG, PROMPT, SIZE, adapter_dir, base_dir, control_map, freeze, load, make_head, run,
+)
 
 import boft_diffusion
-import boft_diffusion.attention as attention
-from boft_diffusion import BOFTConfig
-from boft_diffusion.attention import BOFTAttnProcessor
 from boft_diffusion.control import ControlHead
-from boft_diffusion.tiny.tokenizer import save_tokenizer
-from boft_diffusion.unet import boft_processors, randomize_boft, rotations
-from diffusers.models.attention_processor import Attention
+from boft_diffusion.unet import randomize_boft, rotations
 from pipelines import BOFTPipeline, interpolation_grid
-
-SIZE = 32  # pixels; the VAE halves it, so latents are 16x16
-CONFIG = BOFTConfig(block_size=8, n_butterfly_factors=3)  # widths 32 and 64 fit b * 2^(m-1) = 32
-PROMPT = "a red square"
-
-
-def get_dummy_components(tokenizer_dir):
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=SIZE // 2, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
-    )
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=SIZE,
-    )
-    tokenizer = save_tokenizer(str(tokenizer_dir))
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length, hidden_size=32,
-        intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, projection_dim=32,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    ))
-    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
-                safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny ops: with 2 threads on a busy 2-core machine each call takes seconds instead of 0.1 s."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    """A plain StableDiffusionPipeline folder (no control head)."""
-    folder = tmp_path_factory.mktemp("sd")
-    StableDiffusionPipeline(**get_dummy_components(tmp_path_factory.mktemp("tok"))).save_pretrained(folder)
-    return folder
-
-
-def load(base_dir) -> BOFTPipeline:
-    pipe = BOFTPipeline.from_pretrained(base_dir, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def run(pipe, seed=0, **kwargs):
-    kwargs = dict(num_inference_steps=2, guidance_scale=5.0, output_type="np", **kwargs)
-    return pipe(PROMPT, generator=torch.Generator().manual_seed(seed), **kwargs).images
-
-
-def freeze(pipe):
-    """Inference, as load_boft leaves it: skew frozen (a trainable skew makes sampling unfuse afterwards)."""
-    for _, rotation in rotations(pipe.unet):
-        rotation.boft_skew.requires_grad_(False)
-
-
-def make_head(pipe, seed=0):
-    head = ControlHead.for_unet(pipe.unet, pipe.vae_scale_factor)
-    torch.manual_seed(seed)
-    torch.nn.init.normal_(head.conv_out.weight, std=0.1)  # trained heads are not zero
-    return head.eval()
-
-
-def control_map(size=SIZE):
-    image = np.zeros((size, size, 3), np.uint8)
-    image[size // 4: size // 2, size // 4: 3 * size // 4] = 255
-    return PIL.Image.fromarray(image)
-
-
-@pytest.fixture(scope="module")
-def adapter_dir(base_dir, tmp_path_factory):
-    """A trained-looking output folder: random adapter (with s) + control head, as the trainer writes it."""
-    pipe = load(base_dir)
-    boft_diffusion.add_boft(pipe.unet, CONFIG)
-    randomize_boft(pipe.unet, std=0.3, generator=torch.Generator().manual_seed(1))
-    pipe.register_modules(control_head=make_head(pipe))
-    return pipe.save_boft(tmp_path_factory.mktemp("adapter"))
 
 
 def test_plain_sd_folder_and_identity_adapter_match_stable_diffusion(base_dir):
@@ -183,16 +94,19 @@ def test_adapters_compose_and_switch(base_dir, adapter_dir):
     only_a = run(pipe, control_image=control_map())
     pipe.load_boft(adapter_dir, "b")
     assert pipe.boft_adapters == ["a", "b"]
-    both = run(pipe, control_image=control_map())
+    with pytest.raises(ValueError, match="pass control_image as a dict"):
+        run(pipe, control_image=control_map())
+    both = run(pipe, control_image={"a": control_map(), "b": control_map()})
     pipe.set_adapters(["a"])
     assert np.array_equal(run(pipe, control_image=control_map()), only_a)
     pipe.set_adapters([])
-    none = run(pipe, control_image=control_map())
+    none = run(pipe)
     assert not np.array_equal(none, only_a) and not np.array_equal(both, only_a)
     with pytest.raises(ValueError, match="not BOFT adapters"):
         pipe.set_adapters(["a", "lora"])
 
     steps = []
+    pipe.set_adapters(["a"])
     pipe(PROMPT, control_map(), num_inference_steps=2, output_type="np",
          callback_on_step_end=lambda p, i, t, kw: steps.append(i) or kw)
     assert steps == [0, 1]
@@ -228,14 +142,16 @@ def test_saved_adapter_reproduces_image_exactly(base_dir, adapter_dir, tmp_path)
     fresh.load_boft(tmp_path / "again")
     assert np.array_equal(run(fresh, seed=7, control_image=control_map()), image)
 
-    pipe.save_pretrained(tmp_path / "pipe")  # base + head, adapters excluded
+    pipe.save_pretrained(tmp_path / "pipe")  # base model + boft_adapters/default (with its head)
     reloaded = load(tmp_path / "pipe")
-    assert isinstance(reloaded.control_head, ControlHead) and not list(boft_processors(reloaded.unet))
+    assert reloaded.boft_adapters == ["default"] and isinstance(reloaded.control_head, ControlHead)
     for a, b in zip(reloaded.control_head.parameters(), pipe.control_head.parameters()):
         assert torch.equal(a, b)
-    assert pipe.is_fused and list(boft_processors(pipe.unet))  # the saving pipeline is unchanged
-    reloaded.load_boft(adapter_dir)
+    assert pipe.is_fused and pipe.boft_adapters == ["default"]  # the saving pipeline is unchanged
     assert np.array_equal(run(reloaded, seed=7, control_image=control_map()), image)
+    plain = StableDiffusionPipeline.from_pretrained(tmp_path / "pipe", local_files_only=True)
+    for name, tensor in plain.unet.state_dict().items():  # the base weights, not fused ones
+        assert torch.equal(tensor, load(base_dir).unet.state_dict()[name]), name
 
 
 def test_control_image_forms_and_resize_warning(base_dir, adapter_dir, caplog):
@@ -259,7 +175,7 @@ def test_control_image_forms_and_resize_warning(base_dir, adapter_dir, caplog):
 
 def test_bad_inputs_give_clear_errors(base_dir, adapter_dir, tmp_path):
     pipe = load(base_dir)
-    with pytest.raises(ValueError, match="no control head"):
+    with pytest.raises(ValueError, match="no active adapter has a control head"):
         run(pipe, control_image=control_map())
     pipe.load_boft(adapter_dir)
     with pytest.raises(ValueError, match="control_image="):
@@ -288,57 +204,14 @@ def test_adapter_or_head_for_another_model_is_refused(base_dir, tmp_path):
         pipe.load_boft(tmp_path / "other")
     assert pipe.boft_adapters == [] and pipe.control_head is None
 
-    ControlHead(out_channels=64, downscale_factor=2, block_channels=(16, 32, 64, 64)).save_pretrained(
-        tmp_path / "mine" / "control_head")
     boft_diffusion.add_boft(pipe.unet, CONFIG)
     boft_diffusion.save_boft(pipe.unet, tmp_path / "mine")
     boft_diffusion.remove_boft(pipe.unet)
+    ControlHead(out_channels=64, downscale_factor=2, block_channels=(16, 32, 64, 64)).save_pretrained(
+        tmp_path / "mine" / "control_head")
     with pytest.raises(ValueError, match="another model"):
         pipe.load_boft(tmp_path / "mine")
     assert pipe.boft_adapters == [] and pipe.control_head is None
-
-
-def test_xformers_keeps_boft_processors_or_refuses(base_dir, monkeypatch):
-    pipe = load(base_dir)
-    boft_diffusion.add_boft(pipe.unet, CONFIG)
-    processors = [p for _, _, p in boft_processors(pipe.unet)]
-
-    monkeypatch.setattr(attention, "xformers_available", lambda: False)
-    with pytest.raises(RuntimeError, match="xformers"):
-        pipe.enable_xformers_memory_efficient_attention()
-    assert [p for _, _, p in boft_processors(pipe.unet)] == processors
-    assert {p.backend for p in processors} == {"auto"}
-
-    monkeypatch.setattr(attention, "xformers_available", lambda: True)
-    with pytest.raises(RuntimeError, match="CUDA"):  # installed but CPU tensors
-        pipe.enable_xformers_memory_efficient_attention()
-
-    calls = []  # on "CUDA": BOFT switches backend, other attention goes through diffusers
-    monkeypatch.setattr(BOFTPipeline, "_execution_device", property(lambda self: torch.device("cuda")))
-    monkeypatch.setattr(Attention, "set_use_memory_efficient_attention_xformers",
-                        lambda self, valid, op=None: calls.append((self, valid)))
-    pipe.enable_xformers_memory_efficient_attention()
-    assert [p for _, _, p in boft_processors(pipe.unet)] == processors
-    assert {p.backend for p in processors} == {"xformers"}
-    unet_attention = {id(m) for m in pipe.unet.modules()}
-    assert calls and all(id(m) not in unet_attention and valid for m, valid in calls)  # the VAE's
-    pipe.disable_xformers_memory_efficient_attention()
-    assert {p.backend for p in processors} == {"sdpa"}
-    assert all(isinstance(p, BOFTAttnProcessor) for _, _, p in boft_processors(pipe.unet))
-
-    with pytest.raises(ValueError, match="slicing"):
-        pipe.enable_attention_slicing()
-    pipe.disable_attention_slicing()
-    assert [p for _, _, p in boft_processors(pipe.unet)] == processors
-
-
-def test_xformers_without_boft_defers_to_diffusers(base_dir, monkeypatch):
-    pipe = load(base_dir)
-    calls = []
-    monkeypatch.setattr(Attention, "set_use_memory_efficient_attention_xformers",
-                        lambda self, valid, op=None: calls.append(valid))
-    pipe.enable_xformers_memory_efficient_attention()
-    assert calls and all(calls)
 
 
 def test_set_adapters_empty_without_adapters_is_a_no_op(base_dir):
