@@ -190,8 +190,8 @@ def test_written_folder_loads_with_load_dataset(tmp_path, kind):
             np.testing.assert_allclose(ds[i]["landmarks"], ref["landmarks"], atol=1e-3)
 
 
-def test_generator_dataset_matches_drawn_samples(tmp_path):
-    ds = make_dataset("segmentation", 5, seed=2, cache_dir=str(tmp_path))
+def test_generator_dataset_matches_drawn_samples():
+    ds = make_dataset("segmentation", 5, seed=2)
     assert set(ds.column_names) == {"image", "conditioning_image", "text"}
     for i in range(5):
         ref = make_sample("segmentation", 2, i)
@@ -200,3 +200,13 @@ def test_generator_dataset_matches_drawn_samples(tmp_path):
         assert np.array_equal(np.asarray(ds[i]["image"]), np.asarray(ref["image"]))
     with pytest.raises(ValueError, match="unknown dataset kind"):
         make_sample("faces", 0, 0)
+
+
+def test_dataset_follows_the_drawing_code_not_a_cache(monkeypatch):
+    """A change to how controls are drawn shows up in the next dataset of the same arguments."""
+    from boft_diffusion.data import folder
+
+    before = np.asarray(make_dataset("landmarks", 2, seed=3)[0]["conditioning_image"])
+    monkeypatch.setattr(folder, "render_landmarks", lambda pts, size: render_landmarks(pts, size, radius=2.5))
+    after = np.asarray(make_dataset("landmarks", 2, seed=3)[0]["conditioning_image"])
+    assert (after > 0).sum() > 2 * (before > 0).sum()

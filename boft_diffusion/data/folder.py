@@ -59,16 +59,13 @@ def _features(kind: str):
     return Features(cols)
 
 
-def make_dataset(kind: str, n: int, seed: int = 0, size: int = 32, cache_dir: str | None = None,
-                 **scene_kw):
-    """A `datasets.Dataset` of n rows drawn by a generator, kept in memory (`datasets` still
-    fingerprints it under cache_dir, default its own cache)."""
+def make_dataset(kind: str, n: int, seed: int = 0, size: int = 32, **scene_kw):
+    """A `datasets.Dataset` of n rows, drawn now and kept in memory. Never `from_generator`: its
+    cache is keyed on the arguments, not on the drawing code, so it served stale rows (old dot
+    sizes, old palette) after that code changed."""
     from datasets import Dataset
 
-    return Dataset.from_generator(
-        iter_samples, features=_features(kind), cache_dir=cache_dir, keep_in_memory=True,
-        gen_kwargs=dict(kind=kind, n=n, seed=seed, size=size, **scene_kw),
-    )
+    return Dataset.from_list(list(iter_samples(kind, n, seed, size, **scene_kw)), features=_features(kind))
 
 
 def write_dataset(out_dir: str, kind: str, n: int, seed: int = 0, size: int = 32,
