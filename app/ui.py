@@ -46,7 +46,7 @@ def guarded(fn):
         except gr.Error:
             raise
         except Cancelled as err:  # logged where it was raised
-            raise gr.Error(f"Stopped: {err}", print_exception=False) from None
+            raise gr.Error(str(err), print_exception=False) from None
         except Exception:
             logger.exception("%s failed", fn.__name__)
             raise gr.Error(SERVER_ERROR, print_exception=False) from None
@@ -155,9 +155,9 @@ def build(holder: ModelHolder, adapter_dir: str | Path | None = None) -> gr.Bloc
             return synthetic_control(kind, control_seed, size)
 
         sample_inputs = [prompt, negative, control, seed, steps, guidance]
-        # preprocess=False: the control upload reaches the handler as a file payload, so one that is not
-        # an image gets our message instead of failing inside Gradio's own image decoding.
-        # The control input reaches the handler as the client's file payload, checked there (ControlFiles).
+        # preprocess=False: the control input reaches the handler as the client's raw file payload, so its
+        # path is checked there (security.ControlFiles) and a file that is not an image gets our message
+        # instead of failing inside Gradio's own image decoding.
         shared = dict(concurrency_id=PIPELINE, concurrency_limit=1, preprocess=False)
         sampling = [
             generate.click(on_generate, sample_inputs + [factors, adapter_choice], [image, status],
