@@ -11,7 +11,8 @@ import torch
 import boft_diffusion
 from boft_diffusion import BOFTConfig
 from boft_diffusion.control import ControlHead
-from boft_diffusion.unet import boft_processors, randomize_boft, rotations
+from boft_diffusion.attention import attention_modules
+from boft_diffusion.unet import randomize_boft, rotations
 from pipelines import BOFTPipeline
 
 PROMPT = "a photo of sks square"
@@ -57,7 +58,7 @@ def adapter_dirs(tiny_sd_dir, tmp_path_factory):
             head = ControlHead.for_unet(pipe.unet, pipe.vae_scale_factor)
             torch.manual_seed(3)
             torch.nn.init.normal_(head.conv_out.weight, std=0.1)
-            pipe.register_modules(control_head=head.eval())
+            pipe.attach_control_head(head.eval())
         dirs[name] = pipe.save_boft(tmp_path_factory.mktemp(name))
     return dirs
 
@@ -80,7 +81,7 @@ def test_composed_rotation_is_orthogonal_and_in_load_order(both):
     both.unfuse()
     control, subject = dict(rotations(both.unet, "control")), dict(rotations(both.unet, "subject"))
     checked = 0
-    for name, attn, processor in boft_processors(both.unet):
+    for name, attn in attention_modules(both.unet):
         for projection in ("to_q", "to_v"):
             path = f"{name}.{projection}"
             layer = attn.get_submodule(projection)
@@ -96,19 +97,19 @@ def test_composed_rotation_is_orthogonal_and_in_load_order(both):
                 x = torch.randn(2, 5, d, generator=torch.Generator().manual_seed(checked))
                 scale = control[path].boft_s * subject[path].boft_s
                 expected = (x @ r_c @ r_s) @ layer.weight.T * scale + (0 if layer.bias is None else layer.bias)
-                torch.testing.assert_close(processor.project(attn, projection, x), expected, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
             checked += 1
     assert checked >= 4
 
     both.set_adapters(["subject", "control"])  # reversed order: R_subject R_control
-    name, attn, processor = next(boft_processors(both.unet))
+    name, attn = next(attention_modules(both.unet))
     path = f"{name}.to_q"
     d = attn.to_q.in_features
     x = torch.randn(3, d)
     with torch.no_grad():
         expected = (x @ dense(subject[path], d) @ dense(control[path], d)) @ attn.to_q.weight.T
         expected = expected * control[path].boft_s * subject[path].boft_s
-        torch.testing.assert_close(processor.project(attn, "to_q", x), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(attn.to_q(x), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_either_adapter_can_be_switched_off(tiny_sd_dir, adapter_dirs, both):
