@@ -46,8 +46,10 @@ class ControlFiles:
         self.own_files: list[str] = []  # files the app wrote itself (the page's examples)
 
     def allow(self, paths) -> None:
-        """Also open these files the app wrote (not their folder: others may write there)."""
-        self.own_files += [os.path.realpath(p) for p in paths]
+        """Also open these files the app wrote (not their folder: others may write there). The last part
+        is not resolved, so a symlink planted under an example's name never matches what `read` resolves."""
+        self.own_files += [os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(p))), os.path.basename(p))
+                           for p in paths]
 
     def read(self, path) -> bytes:
         """The file's bytes; ValueError (one message for missing and forbidden) otherwise."""
@@ -57,9 +59,8 @@ class ControlFiles:
             real = Path(os.path.realpath(os.fspath(path)))
         except (TypeError, ValueError, OSError):
             raise ValueError(REFUSED_CONTROL) from None
-        allowed, _ = is_allowed_file(real, blocked_paths=[], allowed_paths=self.own_files,
-                                     created_paths=[get_upload_folder()])
-        if not allowed:
+        uploaded, _ = is_allowed_file(real, blocked_paths=[], allowed_paths=[], created_paths=[get_upload_folder()])
+        if not (uploaded or str(real) in self.own_files):  # own files by exact name: Gradio's check resolves them
             raise ValueError(REFUSED_CONTROL)
         try:  # O_NONBLOCK: opening a FIFO returns at once instead of waiting for a writer
             fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))

@@ -195,6 +195,20 @@ def test_upload_size_and_pixel_caps(client, url, tmp_path):
     assert "65x8 px" in message and "--max_image_size" in message
 
 
+def test_example_files_are_allowed_by_name_and_a_planted_symlink_is_not(tmp_path):
+    from app.security import ControlFiles
+
+    PIL.Image.new("RGB", (4, 4)).save(tmp_path / "example.png")
+    (tmp_path / "secret.png").write_bytes(b"secret")
+    os.symlink(tmp_path / "secret.png", tmp_path / "planted.png")  # another user's link under an example's name
+    files = ControlFiles(LIMITS)
+    files.allow([tmp_path / "example.png", tmp_path / "planted.png"])
+    assert files.read(tmp_path / "example.png") == (tmp_path / "example.png").read_bytes()
+    for path in (tmp_path / "planted.png", tmp_path / "secret.png"):
+        with pytest.raises(ValueError, match="the server opens no other file"):
+            files.read(path)
+
+
 # ---------------------------------------------------------------------------------------------- caps on work
 
 
