@@ -42,8 +42,10 @@ def test_outputs_resume_and_validation_metrics(tiny_sd_dir, tmp_path, monkeypatc
     straight = tmp_path / "straight"
     metrics = train_control.main(args_for(tiny_sd_dir, straight))
     names = sorted(p.name for p in straight.iterdir())
-    for expected in ["boft_config.json", "boft_weights.safetensors", "control_head", "model_card.md", "checkpoint-4"]:
+    for expected in ["boft_config.json", "boft_weights.safetensors", "control_head", "README.md", "checkpoint-4"]:
         assert expected in names
+    card = (straight / "README.md").read_text()  # the adapter's model card with how it was trained
+    assert card.startswith("---") and "## Control adapter: training" in card and "landmark_error" in card
     assert set(metrics) == {"landmark_error", "detection_rate"}
     assert (straight / "validation" / "step-000004.png").is_file()
     assert load_file(str(straight / "boft_weights.safetensors"))[next(iter(adapter(straight)[0]))].dtype == torch.float32
@@ -76,10 +78,13 @@ def test_checkpoint_limit_and_half_written_checkpoints_are_ignored(tiny_sd_dir, 
 
 @pytest.mark.slow
 def test_two_processes_equal_one_with_the_same_global_batch(tiny_sd_dir, tmp_path):
+    """With block dropout too: its masks come from (seed, micro-batch, layer), not from each process's RNG.
+    (Reduction order differs between 1 and 2 processes: ~1.5e-5 on values near 1 after 4 steps.)"""
     one = tmp_path / "one"
-    train_control.main(args_for(tiny_sd_dir, one, "--checkpointing_steps", "100"))
+    extra = ["--checkpointing_steps", "100", "--boft_dropout", "0.3"]
+    train_control.main(args_for(tiny_sd_dir, one, *extra))
     two = tmp_path / "two"
-    argv = args_for(tiny_sd_dir, two, "--checkpointing_steps", "100")
+    argv = args_for(tiny_sd_dir, two, *extra)
     argv[argv.index("--train_batch_size") + 1] = "1"  # 2 processes x 1 = the same global batch of 2
     # torchrun + ACCELERATE_USE_CPU is accelerate's multi-CPU path (gloo); `accelerate launch --cpu`
     # starts a single process unless MPI is installed.
@@ -90,7 +95,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_sd_dir, tmp_pat
         check=True, cwd=ROOT, env=env, timeout=600,
     )
     assert len(list((two / "validation").glob("*.png"))) == 1
-    assert_same(adapter(two), adapter(one), atol=1e-5)
+    assert_same(adapter(two), adapter(one), atol=5e-5)
 
 
 def test_bf16_keeps_trainable_parameters_fp32(tiny_sd_dir, tmp_path):

@@ -78,7 +78,7 @@ def test_prior_batches_outputs_and_resume(tiny_sd_dir, tmp_path, monkeypatch):
 
     # The folder a pipeline loads, as train_control writes it (no control head) plus subject.json.
     names = {p.name for p in straight.iterdir()}
-    assert {"boft_config.json", "boft_weights.safetensors", "model_card.md", "subject.json", "checkpoint-4",
+    assert {"boft_config.json", "boft_weights.safetensors", "README.md", "subject.json", "checkpoint-4",
             IDENTIFIER_FILE} <= names
     assert "control_head" not in names
     assert json.loads((straight / "subject.json").read_text())["identifier"] == ["sks"]
@@ -95,11 +95,13 @@ def test_prior_batches_outputs_and_resume(tiny_sd_dir, tmp_path, monkeypatch):
     learned = load_file(str(straight / IDENTIFIER_FILE))
     start = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids("sks</w>")]
     assert list(learned) == ["sks</w>"] and (learned["sks</w>"] - start).abs().max() > 1e-3
-    with_identifier = [pipe.encode_prompt(p, "cpu", 1, False)[0] for p in ("a photo of sks square", "a photo of a square")]
-    pipe.set_adapters([])
-    without = [pipe.encode_prompt(p, "cpu", 1, False)[0] for p in ("a photo of sks square", "a photo of a square")]
-    assert (with_identifier[0] - without[0]).abs().max() > 1e-4
-    torch.testing.assert_close(with_identifier[1], without[1], atol=0, rtol=0)
+    identifier = pipe.get_boft_adapter("subject").identifier  # loaded with the adapter, applied while it is active
+    torch.testing.assert_close(identifier.vectors[0], learned["sks</w>"], atol=0, rtol=0)
+    ids = pipe.tokenizer(["a photo of sks square", "a photo of a square"], padding="max_length", return_tensors="pt").input_ids
+    embeds = pipe.text_encoder.get_input_embeddings()(ids)
+    swapped = identifier(ids, embeds)
+    assert (swapped[0] - embeds[0]).abs().max() > 1e-3  # only prompts holding the identifier change
+    torch.testing.assert_close(swapped[1], embeds[1], atol=0, rtol=0)
     torch.testing.assert_close(load_file(str(pipe.save_boft(tmp_path / "resaved") / IDENTIFIER_FILE)), learned, atol=0, rtol=0)
 
     # Kill after the step-2 checkpoint, resume from "latest": the same adapter as the straight run.

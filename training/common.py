@@ -196,9 +196,11 @@ def check_model(args, path: str, vae, unet, noise_scheduler) -> int:
     factor = vae_scale_factor(vae)
     native = unet.config.sample_size * factor
     resolution = args.resolution or native
-    if resolution % factor:
-        raise ValueError(f"--resolution {resolution} is not a multiple of {factor}, the VAE's downsampling factor; "
-                         f"use e.g. {max(factor, resolution // factor * factor)} (this model's native size is {native}).")
+    multiple = max(8, factor)  # diffusers' SD pipelines (validation) take multiples of 8; the VAE needs its factor
+    if resolution % multiple:
+        raise ValueError(f"--resolution {resolution} is not a multiple of {multiple} (the pipelines draw multiples of 8, "
+                         f"the VAE downsamples by {factor}); use e.g. {max(multiple, resolution // multiple * multiple)} "
+                         f"(this model's native size is {native}).")
     return resolution
 
 

@@ -24,7 +24,7 @@ from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
-from boft_diffusion import BOFTConfig, add_boft, boft_parameters, describe, save_boft
+from boft_diffusion import BOFTConfig, add_boft, boft_parameters, describe, get_adapter, save_boft
 from boft_diffusion.control import ControlHead
 from boft_diffusion.unet import rotations
 from training import checkpoints, common
@@ -314,18 +314,21 @@ def finish_step(run: Run, step: int, logs: dict, progress) -> dict | None:
 
 
 # ----------------------------------------------------------------------------- outputs
-def finish(run: Run, title: str, metrics: dict, control_head: ControlHead | None = None, card: str = "",
-           write_more: Callable[[str], None] | None = None) -> None:
-    """The folder a pipeline loads (boft_config.json, boft_weights.safetensors, control_head/,
-    model_card.md, validation_metrics.json, whatever `write_more` adds), then --push_to_hub."""
+def finish(run: Run, title: str, metrics: dict, control_head: ControlHead | None = None, identifier=None,
+           card: str = "", write_more: Callable[[str], None] | None = None) -> None:
+    """The folder a pipeline loads, written as a unit by save_boft (boft_config.json,
+    boft_weights.safetensors, control_head/, identifier embeddings, README.md with the training
+    details), then validation_metrics.json and whatever `write_more` adds; then --push_to_hub."""
     args, accelerator = run.args, run.accelerator
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         out = args.output_dir
-        save_boft(run.base_unet, out)
+        adapter = get_adapter(run.base_unet)
         if control_head is not None:
-            control_head.save_pretrained(os.path.join(out, "control_head"))
-        write_text(os.path.join(out, "model_card.md"), model_card(title, run, metrics) + card)
+            adapter.control_head = control_head
+        if identifier is not None:
+            adapter.identifier = identifier
+        save_boft(run.base_unet, out, card_text=training_card(title, run, metrics) + card)
         write_text(os.path.join(out, "validation_metrics.json"), json.dumps(metrics, indent=2))
         if write_more is not None:
             write_more(out)
@@ -341,27 +344,19 @@ def write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def model_card(title: str, run: Run, metrics: dict | None) -> str:
-    args, config = run.args, run.boft_config
+def training_card(title: str, run: Run, metrics: dict | None) -> str:
+    """How the adapter was trained, for its model card."""
+    args = run.args
     lines = [
-        f"# {title}",
+        f"## {title}: training",
         "",
-        "BOFT (Orthogonal Butterfly finetuning) adapter trained with boft-diffusion.",
-        "",
-        f"- base model: `{run.model_path}`",
-        f"- block size {config.block_size or '-'}, block num {config.block_num or '-'}, "
-        f"{config.n_butterfly_factors} butterfly factors, targets {', '.join(config.target_modules)}",
-        f"- steps {run.max_train_steps}, batch {args.train_batch_size} x {args.gradient_accumulation_steps} accumulation, "
-        f"lr {args.learning_rate}, seed {args.seed}",
-        "",
-        "```",
-        run.summary.splitlines()[-1],
-        "```",
-        "",
-        "Load it with `pipelines.BOFTPipeline.from_pretrained(base).load_boft(this_folder)`.",
+        f"- {run.max_train_steps} steps, batch {args.train_batch_size} x {args.gradient_accumulation_steps} accumulation "
+        f"x {run.accelerator.num_processes} process(es), lr {args.learning_rate} ({args.lr_scheduler}), seed {args.seed}, "
+        f"resolution {run.resolution}, mixed precision {run.accelerator.mixed_precision}",
+        f"- {run.summary.splitlines()[-1]}",
     ]
     if metrics:
-        lines += ["", "## Validation metrics", "", "```json", json.dumps(metrics, indent=2), "```"]
+        lines += ["", "### Validation metrics", "", "```json", json.dumps(metrics, indent=2), "```"]
     return "\n".join(lines) + "\n"
 
 

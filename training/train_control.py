@@ -77,7 +77,7 @@ def main(argv=None) -> dict:
         return F.mse_loss(pred.float(), target.float()), {}
 
     metrics = loop.train(run, loss_fn, "train_control")
-    loop.finish(run, "BOFT control adapter", metrics, control_head=head)
+    loop.finish(run, "Control adapter", metrics, control_head=head)
     return metrics
 
 

@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # `python training/train_subject.py` from a check
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from boft_diffusion.data import DEFAULT_SUBJECT, write_subject_folder
-from boft_diffusion.identifier import attach_identifier, new_identifier_embeddings, save_identifier_embeddings
+from boft_diffusion.identifier import attach_identifier, new_identifier_embeddings
 from training import common, loop
 from training.evaluate_subject import SUBJECT_FILE
 from training.subject_data import (
@@ -167,8 +167,6 @@ def main(argv=None) -> dict:
     metrics = loop.train(run, loss_fn, "train_subject")
 
     def write_subject(out: str) -> None:
-        if identifier is not None:
-            save_identifier_embeddings(identifier, out)
         subject = {"instance_prompt": args.instance_prompt, "class_prompt": args.class_prompt, "class_prompts": args.class_prompts,
                    "identifier": args.identifier, "instance_data_dir": os.path.abspath(instance_dir)}
         Path(out, SUBJECT_FILE).write_text(json.dumps(subject, indent=2))
@@ -176,7 +174,7 @@ def main(argv=None) -> dict:
     card = (f"\nSubject: `{args.instance_prompt}`" + (f" (class: `{'`, `'.join(args.class_prompts)}`, prior preservation "
             f"{'on, weight ' + str(args.prior_loss_weight) if args.with_prior_preservation else 'off'})" if args.class_prompt else "")
             + ".\n")
-    loop.finish(run, "BOFT subject adapter", metrics, card=card, write_more=write_subject)
+    loop.finish(run, "Subject adapter", metrics, identifier=identifier, card=card, write_more=write_subject)
     return metrics
 
 
