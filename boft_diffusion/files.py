@@ -184,7 +184,11 @@ def _swap(new: Path, folder: Path) -> Path:
         return new
     old = _sibling(folder, "old")
     os.rename(folder, old)
-    os.rename(new, folder)
+    try:
+        os.rename(new, folder)
+    except BaseException:
+        os.rename(old, folder)
+        raise
     return old
 
 

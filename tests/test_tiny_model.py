@@ -65,11 +65,13 @@ def test_pretrain_script_runs_resumes_and_writes_a_loadable_pipeline(tmp_path):
         main(common + ["--unet_steps", "2", "--resume"])
     finally:
         torch.set_num_threads(threads)  # the script pins threads for itself
-    ck = torch.load(tmp_path / "work" / "ckpt.pt", weights_only=False)
-    assert ck["state"]["unet_step"] == 2 and ck["state"]["vae_step"] == 2
+    checkpoint = tmp_path / "work" / "checkpoint"
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["state.json", "tensors.safetensors"]  # no pickle
+    state = json.loads((checkpoint / "state.json").read_text())["state"]
+    assert state["unet_step"] == 2 and state["vae_step"] == 2
     assert "resumed" in (tmp_path / "work" / "log.txt").read_text()
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "model"), local_files_only=True)
-    assert pipe.vae.config.scaling_factor == pytest.approx(ck["state"]["scaling_factor"])
+    assert pipe.vae.config.scaling_factor == pytest.approx(state["scaling_factor"])
     out = pipe("a red circle", num_inference_steps=2, output_type="np").images
     assert out.shape == (1, 32, 32, 3)
 
@@ -121,3 +123,33 @@ def test_evaluate_scores_every_prompt_and_writes_the_grid(tmp_path):
     img = grid(pipe, str(tmp_path / "g.png"), n_seeds=1, steps=2, scale=2)
     assert img.size == (len(SHAPES) * 32 * 2, len(COLORS) * 32 * 2)
     assert (tmp_path / "g.png").exists()
+
+
+def test_pretrain_checkpoint_round_trips_modules_and_optimizer_exactly(tmp_path):
+    from training.pretrain_tiny import load_checkpoint, save_checkpoint
+
+    def make(seed):
+        torch.manual_seed(seed)
+        module = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+        optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3, betas=(0.8, 0.99))
+        module(torch.randn(2, 4)).square().sum().backward()
+        optimizer.step()
+        return module, optimizer
+
+    module, optimizer = make(0)
+    save_checkpoint(str(tmp_path / "ck"), {"m": module}, {"opt": optimizer}, {"unet_step": 7}, {"lr": 1e-3})
+    other, other_opt = make(1)
+    assert load_checkpoint(tmp_path / "ck", {"m": other}, {"opt": other_opt}) == {"unet_step": 7}
+    for a, b in zip(module.state_dict().values(), other.state_dict().values()):
+        assert torch.equal(a, b)
+    saved, loaded = optimizer.state_dict(), other_opt.state_dict()
+    assert json.dumps(saved["param_groups"]) == json.dumps(loaded["param_groups"])
+    for index, entries in saved["state"].items():
+        for key, value in entries.items():
+            assert torch.equal(value, loaded["state"][index][key]), (index, key)
+    for m, opt in ((module, optimizer), (other, other_opt)):  # the next step is bit-identical too
+        opt.zero_grad()
+        m(torch.ones(2, 4)).square().sum().backward()
+        opt.step()
+    for a, b in zip(module.parameters(), other.parameters()):
+        assert torch.equal(a, b)

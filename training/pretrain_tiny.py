@@ -8,22 +8,28 @@ run sees the images it would have seen (noise and timesteps are reseeded from th
 Plain PyTorch, no accelerate: a single-process CPU job whose product is a diffusers folder.
 
     python training/pretrain_tiny.py --threads 1            # ~1 h on one core
-    python training/pretrain_tiny.py --resume ...            # continues from work_dir/ckpt.pt
+    python training/pretrain_tiny.py --resume ...            # continues from work_dir/checkpoint/
+
+The checkpoint is a folder (tensors.safetensors: modules, EMA copies and optimizer moments;
+state.json: steps, optimizer settings, args), written as a unit and never a pickle.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from boft_diffusion.data.shapes import caption, render, sample_scene
+from boft_diffusion.files import read_json_object, read_tensors, readable_folder, write_folder, write_tensors, write_text
 from boft_diffusion.tiny import components as C
 from boft_diffusion.tiny.tokenizer import save_tokenizer, write_vocab_files
 
@@ -53,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch threads (leave cores free)")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--export_only", action="store_true",
-                   help="write the pipeline from work_dir/ckpt.pt (EMA weights) and exit")
+                   help="write the pipeline from work_dir/checkpoint/ (EMA weights) and exit")
     return p.parse_args(argv)
 
 
@@ -73,10 +79,42 @@ def lr_at(step: int, total: int, base: float, warmup: int) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
-def save_atomic(obj, path: str) -> None:
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def save_checkpoint(folder: str, modules: dict, optimizers: dict, state: dict, args: dict) -> None:
+    """Module and optimizer tensors to safetensors ('name/key', 'opt/param index/key'), the rest to JSON."""
+    tensors = {f"{name}/{key}": value for name, module in modules.items() for key, value in module.state_dict().items()}
+    groups = {}
+    for name, optimizer in optimizers.items():
+        saved = optimizer.state_dict()
+        groups[name] = saved["param_groups"]
+        for index, entries in saved["state"].items():
+            for key, value in entries.items():
+                if not torch.is_tensor(value):
+                    raise TypeError(f"optimizer {name} keeps {key}={value!r}; only tensor state is checkpointed")
+                tensors[f"{name}/{index}/{key}"] = value
+    meta = {"state": state, "args": args, "param_groups": groups}
+
+    def fill(tmp: Path) -> None:
+        write_tensors(tmp / "tensors.safetensors", tensors, {"format": "pt"})
+        write_text(tmp / "state.json", json.dumps(meta, indent=1))
+
+    write_folder(folder, fill)
+
+
+def load_checkpoint(folder: Path, modules: dict, optimizers: dict) -> dict:
+    """Restore what save_checkpoint wrote; returns the saved loop state."""
+    meta = read_json_object(folder / "state.json")
+    tensors = read_tensors(folder / "tensors.safetensors")
+    for name, module in modules.items():
+        prefix = name + "/"
+        module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    for name, optimizer in optimizers.items():
+        state = {}
+        for key, value in tensors.items():
+            owner, *rest = key.split("/")
+            if owner == name:
+                state.setdefault(int(rest[0]), {})[rest[1]] = value
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"][name]})
+    return meta["state"]
 
 
 def log(work_dir: str, msg: str) -> None:
@@ -134,21 +172,19 @@ def main(argv=None):
     ema_text.requires_grad_(False)
     state = {"vae_step": 0, "unet_step": 0, "scaling_factor": None, "seconds": 0.0}
 
-    ckpt_path = os.path.join(args.work_dir, "ckpt.pt")
-    if (args.resume or args.export_only) and os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path, weights_only=False)
-        for name, mod in [("vae", vae), ("unet", unet), ("text", text_encoder),
-                          ("ema_unet", ema_unet), ("ema_text", ema_text),
-                          ("vae_opt", vae_opt), ("opt", opt)]:
-            mod.load_state_dict(ck[name])
-        state = ck["state"]
-        log(args.work_dir, f"resumed at {state}")
+    ckpt_path = os.path.join(args.work_dir, "checkpoint")
+    modules = {"vae": vae, "unet": unet, "text": text_encoder, "ema_unet": ema_unet, "ema_text": ema_text}
+    optimizers = {"vae_opt": vae_opt, "opt": opt}
+    if args.resume or args.export_only:
+        if readable_folder(ckpt_path).is_dir():
+            state = load_checkpoint(readable_folder(ckpt_path), modules, optimizers)
+            log(args.work_dir, f"resumed at {state}")
+        elif os.path.exists(os.path.join(args.work_dir, "ckpt.pt")):
+            raise SystemExit(f"{args.work_dir}/ckpt.pt is an old pickled checkpoint, which is not read; "
+                             "start without --resume (or with another --work_dir)")
 
     def checkpoint():
-        save_atomic({"vae": vae.state_dict(), "unet": unet.state_dict(),
-                     "text": text_encoder.state_dict(), "ema_unet": ema_unet.state_dict(),
-                     "ema_text": ema_text.state_dict(), "vae_opt": vae_opt.state_dict(),
-                     "opt": opt.state_dict(), "state": state, "args": vars(args)}, ckpt_path)
+        save_checkpoint(ckpt_path, modules, optimizers, state, vars(args))
 
     if args.export_only:
         if state["scaling_factor"] is None:
