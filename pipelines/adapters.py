@@ -123,9 +123,14 @@ class BOFTAdaptersMixin:
         """Delete adapters by name, BOFT (rotations, control head, identifier) or LoRA."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         boft = [n for n in names if n in self.boft_adapters]
+        others = [n for n in names if n not in boft]
+        lora = set(getattr(lifecycle.base_module(self.unet), "peft_config", None) or ())
+        unknown = [n for n in others if n not in lora]
+        if unknown:
+            raise ValueError(f"No BOFT adapter named {unknown}; BOFT adapters: {self.boft_adapters}, "
+                             f"LoRA adapters: {sorted(lora)}. Nothing was deleted.")
         if boft:
             lifecycle.delete_adapters(self.unet, boft)
-        others = [n for n in names if n not in boft]
         if others:
             super().delete_adapters(others)
 
