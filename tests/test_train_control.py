@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from train_helpers import run_until_first_checkpoint
 from training import checkpoints, train_control
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,16 +55,7 @@ def test_outputs_resume_and_validation_metrics(tiny_sd_dir, tmp_path, monkeypatc
 
     # Kill after the step-2 checkpoint, then resume from "latest": same adapter as the straight run.
     killed = tmp_path / "killed"
-    real_save = checkpoints.save_checkpoint
-
-    def save_then_die(accelerator, output_dir, step, limit):
-        real_save(accelerator, output_dir, step, limit)
-        raise KeyboardInterrupt("killed after checkpoint")
-
-    monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train_control.main(args_for(tiny_sd_dir, killed))
-    monkeypatch.setattr(checkpoints, "save_checkpoint", real_save)
+    run_until_first_checkpoint(train_control.main, args_for(tiny_sd_dir, killed), monkeypatch)
     assert [p.name for p in checkpoints.list_checkpoints(killed)] == ["checkpoint-2"]
     train_control.main(args_for(tiny_sd_dir, killed, "--resume_from_checkpoint", "latest"))
     assert_same(adapter(killed), trained)

@@ -17,15 +17,8 @@ from safetensors.torch import load_file
 from boft_diffusion.data import write_subject_folder
 from boft_diffusion.identifier import IDENTIFIER_FILE
 from pipelines import BOFTPipeline
-from training import checkpoints, subject_data, train_subject
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from train_helpers import run_until_first_checkpoint
+from training import subject_data, train_subject
 
 
 def args_for(model_dir, out, *extra):
@@ -106,16 +99,7 @@ def test_prior_batches_outputs_and_resume(tiny_sd_dir, tmp_path, monkeypatch):
 
     # Kill after the step-2 checkpoint, resume from "latest": the same adapter as the straight run.
     killed = tmp_path / "killed"
-    real_save = checkpoints.save_checkpoint
-
-    def save_then_die(accelerator, output_dir, step, limit):
-        real_save(accelerator, output_dir, step, limit)
-        raise KeyboardInterrupt("killed after checkpoint")
-
-    monkeypatch.setattr(checkpoints, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        train_subject.main(args_for(tiny_sd_dir, killed, *PRIOR, *IDENTIFIER))
-    monkeypatch.setattr(checkpoints, "save_checkpoint", real_save)
+    run_until_first_checkpoint(train_subject.main, args_for(tiny_sd_dir, killed, *PRIOR, *IDENTIFIER), monkeypatch)
     made = {p.name: p.stat().st_mtime_ns for p in (killed / "class_images").iterdir()}
     train_subject.main(args_for(tiny_sd_dir, killed, *PRIOR, *IDENTIFIER, "--resume_from_checkpoint", "latest"))
     assert {p.name: p.stat().st_mtime_ns for p in (killed / "class_images").iterdir()} == made  # kept, not redrawn

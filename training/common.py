@@ -172,6 +172,7 @@ def load_components(model_name_or_path: str | None, dtype: torch.dtype = torch.f
     from transformers import CLIPTextModel, CLIPTokenizer
 
     path = resolve_model(model_name_or_path)
+    check_family(path, revision)
     hub = {"revision": revision}
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **hub)
     text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype, variant=variant, **hub)
@@ -181,6 +182,21 @@ def load_components(model_name_or_path: str | None, dtype: torch.dtype = torch.f
     for model in (text_encoder, vae, unet):
         model.requires_grad_(False)
     return path, tokenizer, text_encoder, vae, unet, scheduler
+
+
+def check_family(path: str, revision: str | None) -> None:
+    """Refuse, by name, model families whose UNet takes more than text embeddings (SDXL's pooled
+    embeddings and time ids) or that have no UNet (SD3, Flux): the trainers train SD 1.x/2.x UNets."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        index = DiffusionPipeline.load_config(path, revision=revision)
+    except Exception:  # no model_index.json: loading the components says what is missing
+        return
+    name = index.get("_class_name", "?")
+    if "text_encoder_2" in index or "unet" not in index:
+        raise ValueError(f"{path} is a {name} model; train_control.py and train_subject.py train Stable Diffusion "
+                         "1.x/2.x models (one text encoder and a UNet), e.g. stabilityai/stable-diffusion-2-1-base.")
 
 
 def vae_scale_factor(vae) -> int:

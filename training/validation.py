@@ -16,6 +16,7 @@ from boft_diffusion.data import decode_segmentation, make_dataset
 from boft_diffusion.metrics import score_landmarks, score_segmentation
 from pipelines import BOFTPipeline, interpolation_grid
 from training import evaluate_subject
+from training.images import read_image, to_rgb
 
 logger = logging.getLogger("boft_diffusion.training")
 
@@ -31,11 +32,7 @@ def load_sampling_scheduler(model_path: str):
 def validation_set(args, resolution: int, offset: int = 10_000):
     """(control images, prompts, targets or None): user images, or held-out synthetic controls."""
     if args.validation_image:
-        images = []
-        for path in args.validation_image:
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"--validation_image {path} does not exist.")
-            images.append(Image.open(path).convert("RGB"))
+        images = [to_rgb(read_image(path, f"--validation_image {path}")) for path in args.validation_image]
         prompts = args.validation_prompt or [""]
         prompts = prompts * len(images) if len(prompts) == 1 else prompts
         return images, prompts, None
