@@ -121,10 +121,10 @@ def add_adapter(run: Run) -> None:
 
 
 def prepare(run: Run, dataset, collate, control_head: ControlHead | None = None, identifier=None,
-            other_lr: float | None = None) -> ControlHead | None:
-    """Data order, optimizer, learning-rate schedule and checkpoint hooks; the UNet (and control head)
-    prepared by accelerate. The identifier embedding stays unwrapped (see train_subject). Returns the
-    unwrapped control head."""
+            other_lr: float | None = None) -> None:
+    """Data order, optimizer (the control head or identifier embedding at `other_lr`), learning-rate
+    schedule and checkpoint hooks; the UNet (and control head) prepared by accelerate, the identifier
+    embedding left unwrapped (see train_subject)."""
     args, accelerator = run.args, run.accelerator
     global_batch = args.train_batch_size * accelerator.num_processes
     accumulation = args.gradient_accumulation_steps
@@ -155,7 +155,6 @@ def prepare(run: Run, dataset, collate, control_head: ControlHead | None = None,
     )
     run.modules = tuple(modules)
     checkpoints.register_checkpoint_hooks(accelerator, run.base_unet, control_head, identifier)
-    return control_head
 
 
 # ----------------------------------------------------------------------------- data order
