@@ -192,3 +192,36 @@ def test_xformers_8bit_adam_and_hub_flags_are_checked_at_start_up(capsys, monkey
     with pytest.raises(SystemExit):
         train_control.parse_args(["--enable_xformers_memory_efficient_attention"])
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_console_scripts_exit_zero(tiny_sd_dir, tmp_path, monkeypatch):
+    """The wrapper pip writes runs `sys.exit(entry())`: an entry returning the metrics dict exited 1."""
+    import importlib
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, name = scripts["boft-train-control"].partition(":")
+    entry = getattr(importlib.import_module(module), name)
+    monkeypatch.setattr(sys, "argv", ["boft-train-control", *control_args(tiny_sd_dir, tmp_path / "cli", "--max_train_steps", "1")])
+    with pytest.raises(SystemExit) as exit_:
+        sys.exit(entry())
+    assert exit_.value.code is None
+    assert scripts["boft-train-subject"] == "training.train_subject:cli"
+
+
+def test_validation_grid_goes_to_wandb_as_a_wandb_image(monkeypatch, tmp_path):
+    """wandb is not installed here: a stand-in module records what the wandb branch sends."""
+    import types
+
+    from PIL import Image
+
+    from training import validation
+
+    made = []
+    fake = types.SimpleNamespace(Image=lambda image, caption=None: made.append((image, caption)) or ("wandb.Image", caption))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    logged = []
+    tracker = types.SimpleNamespace(name="wandb", log=lambda values, step: logged.append((values, step)))
+    grid = Image.new("RGB", (8, 8))
+    validation.log_image(tracker, grid, str(tmp_path / "step-000003.png"), 3)
+    assert made == [(grid, "step 3")] and logged == [({"validation": [("wandb.Image", "step 3")]}, 3)]

@@ -81,5 +81,10 @@ def main(argv=None) -> dict:
     return metrics
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console-script entry point: `sys.exit(main())` would exit 1 printing the metrics dict."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

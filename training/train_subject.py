@@ -197,5 +197,10 @@ def dreambooth_loss(run, batch, indices, step_key, instance_text, class_text) ->
     return instance_loss + run.args.prior_loss_weight * prior_loss, {"instance_loss": instance_loss, "prior_loss": prior_loss}
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console-script entry point: `sys.exit(main())` would exit 1 printing the metrics dict."""
     main()
+
+
+if __name__ == "__main__":
+    cli()
