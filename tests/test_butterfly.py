@@ -163,3 +163,23 @@ def test_layer_picks_chunks_on_cpu_and_factors_when_chunks_grow():
     assert small.use_chunks(1024, torch.device("cpu"))
     dense = ButterflyRotation(256, 256, 2, 8)  # c = 256 = d: a dense matmul would lose
     assert not dense.use_chunks(1024, torch.device("cpu"))
+
+
+def test_cayley_is_right_for_every_block_size_on_two_threads():
+    """torch 2.13 + MKL on CPU: batched solves of blocks >= ~150 with 2 threads return garbage or
+    raise 'Pivots given to lu_solve...' (repro: eye(160).expand(2, 160, 160)); SD 1.5 with
+    block_num=8 has b = 160. cayley must be right anyway."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        eye = torch.eye(160).expand(2, 160, 160)
+        assert torch.equal(cayley(torch.zeros(2, num_skew_params(160)), 160), eye)
+        g = torch.Generator().manual_seed(0)
+        for b in [*range(1, 9), 31, 32, 40, 63, 64, 80, 96, 127, 128, 144, 150, 152, 159, 160, 161, 192, 256, 320]:
+            packed = 0.1 * torch.randn(2, 3, num_skew_params(b), generator=g)
+            q, s, i = cayley(packed, b), skew_from_packed(packed, b), torch.eye(b)
+            assert q.shape == (2, 3, b, b)
+            assert ((i + s) @ q - (i - s)).abs().max() < 1e-4, b
+            assert (q @ q.mT - i).abs().max() < 1e-4, b
+    finally:
+        torch.set_num_threads(threads)
