@@ -168,6 +168,15 @@ def test_block_dropout_in_training_ignores_other_users_of_the_global_rng(tiny_sd
     assert any(not torch.equal(other[k], plain[k]) for k in plain)
 
 
+def test_gradient_checkpointing_recomputes_the_same_dropout_masks(tiny_sd_dir, tmp_path):
+    extra = ["--boft_dropout", "0.5", "--max_train_steps", "2"]
+    train_subject.main(subject_args(tiny_sd_dir, tmp_path / "stored", *extra))
+    train_subject.main(subject_args(tiny_sd_dir, tmp_path / "recomputed", *extra, "--gradient_checkpointing"))
+    stored, recomputed = (load_file(str(tmp_path / d / "boft_weights.safetensors")) for d in ("stored", "recomputed"))
+    for key in stored:
+        torch.testing.assert_close(recomputed[key], stored[key], atol=1e-6, rtol=0, msg=key)
+
+
 def subject_args(model_dir, out, *extra):
     return ["--pretrained_model_name_or_path", str(model_dir), "--output_dir", str(out), "--report_to", "none",
             "--train_batch_size", "2", "--learning_rate", "1e-2", "--checkpointing_steps", "100",
