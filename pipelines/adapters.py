@@ -30,6 +30,7 @@ from boft_diffusion.files import atomic_write
 from boft_diffusion.identifier import attach_identifier, detach_identifier
 
 from .control_image import control_tensor
+from .families import check_family
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class BOFTAdaptersMixin:
 
     fuse_for_sampling = True  # sample with merged weights: no BOFT cost per denoising step
     plain_pipeline_class: type  # the stock diffusers class export_merged writes for
+    family: str  # "sd" or "sdxl" (families.py)
 
     # ------------------------------------------------------------------ lifecycle
     def load_boft(
@@ -360,7 +362,9 @@ class BOFTAdaptersMixin:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """diffusers' from_pretrained, then the adapters a `save_pretrained` of this class wrote."""
+        """diffusers' from_pretrained, then the adapters a `save_pretrained` of this class wrote. A
+        model of another family (SDXL for BOFTPipeline, SD3, Flux, ...) is refused by name first."""
+        check_family(cls, pretrained_model_name_or_path, **kwargs)
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         root = _saved_adapters(pretrained_model_name_or_path, kwargs.get("revision"))
         if root is not None:

@@ -37,6 +37,7 @@ class BOFTPipeline(BOFTAdaptersMixin, StableDiffusionPipeline):
     """
 
     plain_pipeline_class = StableDiffusionPipeline
+    family = "sd"
 
     def __init__(
         self,

@@ -91,3 +91,48 @@ def adapter_dir(base_dir, tmp_path_factory):
     randomize_boft(pipe.unet, std=0.3, generator=torch.Generator().manual_seed(1))
     pipe.attach_control_head(make_head(pipe))
     return pipe.save_boft(tmp_path_factory.mktemp("adapter"))
+
+
+def get_dummy_xl_components(tokenizer_dir):
+    """A tiny SDXL: two text encoders (the second with a projection for the pooled embedding),
+    add_time_ids through addition_embed_type="text_time", 64-wide cross attention."""
+    from diffusers import EulerDiscreteScheduler
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=SIZE // 2, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64, norm_num_groups=8,
+    )
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=SIZE,
+    )
+    tokenizer = save_tokenizer(str(tokenizer_dir))
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length, hidden_size=32,
+        intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, projection_dim=32, hidden_act="gelu",
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(config)
+    torch.manual_seed(1)
+    text_encoder_2 = CLIPTextModelWithProjection(config)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, steps_offset=1, beta_schedule="scaled_linear",
+                                       timestep_spacing="leading")
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                tokenizer_2=tokenizer, scheduler=scheduler, image_encoder=None, feature_extractor=None)
+
+
+@pytest.fixture(scope="module")
+def xl_dir(tmp_path_factory):
+    """A plain StableDiffusionXLPipeline folder."""
+    from diffusers import StableDiffusionXLPipeline
+
+    folder = tmp_path_factory.mktemp("sdxl")
+    StableDiffusionXLPipeline(**get_dummy_xl_components(tmp_path_factory.mktemp("tok"))).save_pretrained(folder)
+    return folder
