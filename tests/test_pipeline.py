@@ -188,6 +188,22 @@ def test_bad_inputs_give_clear_errors(base_dir, adapter_dir, tmp_path):
         run(pipe, control_image=torch.full((3, SIZE, SIZE), -1.0))
     with pytest.raises(ValueError, match="one per prompt"):
         run(pipe, control_image=[control_map()] * 3)
+    nan = torch.full((3, SIZE, SIZE), 0.5)
+    nan[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        run(pipe, control_image=nan)
+    with pytest.raises(ValueError, match="control_scale must be a finite number"):
+        run(pipe, control_image=control_map(), control_scale=float("nan"))
+    with pytest.raises(ValueError, match="num_images_per_prompt must be a positive integer"):
+        run(pipe, control_image=control_map(), num_images_per_prompt=0)
+    with pytest.raises(ValueError, match="is a directory"):
+        run(pipe, control_image=str(tmp_path))
+    with pytest.raises(ValueError, match="booleans"):
+        pipe.set_active_factors(mask=["no", ""])
+    sixteen = PIL.Image.fromarray((np.asarray(control_map().convert("L"), np.uint16) * 257))  # 16-bit grey
+    assert sixteen.mode.startswith("I")
+    np.testing.assert_allclose(run(pipe, control_image=sixteen), run(pipe, control_image=control_map().convert("L")),
+                               atol=1e-6)
 
 
 def test_adapter_or_head_for_another_model_is_refused(base_dir, tmp_path):
