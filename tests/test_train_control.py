@@ -116,15 +116,6 @@ def test_unreadable_image_cell_is_reported():
         read_image({"bytes": b"not a png", "path": None}, "image of row 3")
 
 
-def test_help_lists_the_diffusers_argument_names():
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "training" / "train_control.py"), "--help"], capture_output=True, text=True, cwd=ROOT
-    ).stdout
-    for flag in ["--pretrained_model_name_or_path", "--conditioning_image_column", "--resume_from_checkpoint",
-                 "--boft_n_butterfly_factors", "--proportion_empty_prompts", "--gradient_checkpointing"]:
-        assert flag in out
-
-
 def test_point_lists_and_class_maps_become_control_images():
     import argparse
 

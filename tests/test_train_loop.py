@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 FLAGS = ["--revision", "--variant", "--num_train_epochs", "--max_train_steps", "--allow_tf32", "--use_8bit_adam",
          "--scale_lr", "--adam_beta1", "--adam_beta2", "--adam_weight_decay", "--adam_epsilon", "--max_grad_norm",
          "--push_to_hub", "--hub_model_id", "--hub_token", "--tracker_project_name", "--validation_steps",
-         "--validation_epochs", "--lr_num_cycles", "--lr_power", "--enable_xformers_memory_efficient_attention"]
+         "--validation_epochs", "--lr_num_cycles", "--lr_power", "--enable_xformers_memory_efficient_attention",
+         "--pretrained_model_name_or_path", "--resume_from_checkpoint", "--boft_n_butterfly_factors", "--gradient_checkpointing"]
 
 
 def control_args(model_dir, out, *extra, steps=("--max_train_steps", "2")):
@@ -34,9 +35,12 @@ def control_args(model_dir, out, *extra, steps=("--max_train_steps", "2")):
 
 @pytest.mark.parametrize("script", ["train_control.py", "train_subject.py"])
 def test_both_trainers_take_the_diffusers_flags(script):
+    """Run as `python training/<script> --help` from a checkout, as the README shows."""
     out = subprocess.run([sys.executable, str(ROOT / "training" / script), "--help"], capture_output=True, text=True,
                          cwd=ROOT, check=True).stdout
-    missing = [flag for flag in FLAGS if flag not in out]
+    data_flags = ["--conditioning_image_column", "--proportion_empty_prompts"] if script == "train_control.py" else \
+        ["--instance_data_dir", "--with_prior_preservation", "--validation_epochs"]
+    missing = [flag for flag in FLAGS + data_flags if flag not in out]
     assert not missing
 
 
