@@ -28,7 +28,8 @@ def control_args(model_dir, out, *extra):
 @pytest.mark.parametrize("flag,value", [("--train_batch_size", "0"), ("--train_batch_size", "-2"),
                                         ("--checkpointing_steps", "0"), ("--resolution", "0"),
                                         ("--gradient_accumulation_steps", "0"), ("--validation_steps", "0"),
-                                        ("--learning_rate", "nan"), ("--boft_dropout", "1.5")])
+                                        ("--learning_rate", "nan"), ("--boft_dropout", "1.5"), ("--adam_beta2", "1"),
+                                        ("--adam_weight_decay", "-1")])
 def test_bad_numbers_are_parser_errors_naming_the_flag(flag, value, capsys):
     for parse in (train_control.parse_args, train_subject.parse_args):
         with pytest.raises(SystemExit):

@@ -124,6 +124,11 @@ def check_common_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
     """Checks that need no model: each failure is a parser error naming the flag."""
     if not 0 <= args.boft_dropout < 1:
         parser.error(f"--boft_dropout must be in [0, 1), got {args.boft_dropout}.")
+    for flag in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be in [0, 1), got {getattr(args, flag)}.")
+    if not args.adam_weight_decay >= 0:
+        parser.error(f"--adam_weight_decay must be >= 0, got {args.adam_weight_decay}.")
     if args.enable_xformers_memory_efficient_attention:
         if importlib.util.find_spec("xformers") is None:
             parser.error("--enable_xformers_memory_efficient_attention needs the xformers package "
