@@ -238,3 +238,29 @@ def test_validation_grid_goes_to_wandb_as_a_wandb_image(monkeypatch, tmp_path):
     grid = Image.new("RGB", (8, 8))
     validation.log_image(tracker, grid, str(tmp_path / "step-000003.png"), 3)
     assert made == [(grid, "step 3")] and logged == [({"validation": [("wandb.Image", "step 3")]}, 3)]
+
+
+def test_push_to_hub_creates_the_repo_first_and_uploads_the_adapter(tiny_sd_dir, tmp_path, monkeypatch):
+    """huggingface_hub is replaced by stand-ins (no network in tests); what the trainer asks of it is checked."""
+    import types
+
+    import huggingface_hub
+
+    calls = []
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda name, **kw: calls.append(("create", name, kw)) or
+                        types.SimpleNamespace(repo_id=f"me/{name}"))
+    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.append(("upload", kw)))
+    out = tmp_path / "pushed"
+    train_control.main(control_args(tiny_sd_dir, out, "--push_to_hub", "--hub_model_id", "boft-faces"))
+    (create, upload) = calls
+    assert create[:2] == ("create", "boft-faces") and create[2]["exist_ok"]
+    assert upload[1]["repo_id"] == "me/boft-faces" and upload[1]["folder_path"] == str(out)
+    assert "checkpoint-*" in upload[1]["ignore_patterns"] and (out / "README.md").is_file()
+
+    def offline(name, **kw):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", offline)
+    with pytest.raises(RuntimeError, match=r"--push_to_hub: could not create the hub repository 'boft-faces' \(no network\)"):
+        train_control.main(control_args(tiny_sd_dir, tmp_path / "offline", "--push_to_hub", "--hub_model_id", "boft-faces"))
