@@ -281,7 +281,7 @@ def _tensor_entry(path: Path, name: str, info) -> tuple[tuple[int, ...], tuple[i
     if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
         raise ValueError(f"{path}: tensor {name!r} has a malformed header entry (needs dtype, shape, data_offsets).")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype not in FLOAT_DTYPES:
+    if not isinstance(dtype, str) or dtype not in FLOAT_DTYPES:
         raise ValueError(f"{path}: tensor {name!r} has dtype {dtype!r}; adapters hold floating point tensors ({', '.join(FLOAT_DTYPES)}).")
     if not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):
         raise ValueError(f"{path}: tensor {name!r} has shape {shape!r}; a shape is a list of non-negative integers.")

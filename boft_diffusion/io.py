@@ -168,6 +168,17 @@ def resolve_adapter_path(path_or_hub_id: str | os.PathLike, subfolder: str | Non
 
 
 ShapeCheck = Callable[[BOFTConfig, dict[str, tuple[int, ...]]], None]
+MAX_SCALE = 1e4  # |s| beyond this is no trained adapter; its images would overflow to Inf/NaN
+
+
+def _check_scales(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse a finite but absurd per-output scale s (the skew may be anything: Cayley stays orthogonal)."""
+    for key, tensor in tensors.items():
+        if key.endswith(".boft_s") and tensor.numel() and tensor.abs().max() > MAX_SCALE:
+            raise ValueError(
+                f"{path}: tensor {key} scales outputs by up to {tensor.abs().max().item():.3g}; refusing values "
+                f"beyond +-{MAX_SCALE:g} (no trained adapter has them, and every image would overflow to Inf/NaN)."
+            )
 
 
 def _read_pickle_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -198,7 +209,9 @@ def _read_our_folder(folder: Path, check: ShapeCheck | None) -> tuple[BOFTConfig
         if check is not None:
             check(config, shapes)
 
-    return config, read_tensors(weights, inspect)
+    state = read_tensors(weights, inspect)
+    _check_scales(state, weights)
+    return config, state
 
 
 def _check_our_tensor(config: BOFTConfig, key: str, shape: tuple[int, ...], path: Path) -> None:
@@ -314,6 +327,7 @@ def _read_peft_folder(folder: Path, check: ShapeCheck | None) -> tuple[BOFTConfi
             require_finite(tensor, key, path)
     else:
         raise FileNotFoundError(f"{folder} has {PEFT_CONFIG_NAME} but neither {PEFT_WEIGHTS_NAME} nor {PEFT_PICKLE_NAME}.")
+    _check_scales(raw, path)
     state = {}
     for key, tensor in raw.items():
         ours = found["keys"][key]
