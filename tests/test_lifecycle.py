@@ -251,3 +251,26 @@ def test_adapter_folder_has_a_model_card(base_dir, tmp_path):
     assert card.data.library_name == "diffusers" and {"boft", "diffusers"} <= set(card.data.tags)
     assert card.data.license == "apache-2.0" and card.data.base_model == str(base_dir)
     assert "load_boft" in card.text
+
+
+def test_export_merged_writes_identifier_embeddings_into_the_text_encoder(base_dir, tmp_path):
+    from boft_diffusion.identifier import new_identifier_embeddings
+
+    pipe = adapted(base_dir)
+    identifier = new_identifier_embeddings(pipe.text_encoder, pipe.tokenizer, ["sks"], [PROMPT])
+    with torch.no_grad():
+        identifier.vectors.add_(torch.randn(identifier.vectors.shape, generator=torch.Generator().manual_seed(0)))
+    pipe.get_boft_adapter().identifier = identifier.requires_grad_(False)
+    subject = "a sks square"
+    with_identifier = pipe(subject, num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    pipe.get_boft_adapter().identifier = None
+    without = pipe(subject, num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert np.abs(with_identifier - without).max() > 1e-3  # the embedding acts on prompts with the identifier
+    pipe.get_boft_adapter().identifier = identifier
+    rows = pipe.text_encoder.get_input_embeddings().weight.clone()
+    pipe.export_merged(tmp_path / "merged")
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight, rows)  # the live encoder is untouched
+    plain = StableDiffusionPipeline.from_pretrained(tmp_path / "merged", local_files_only=True)
+    plain.set_progress_bar_config(disable=True)
+    merged = plain(subject, num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    np.testing.assert_allclose(merged, with_identifier, atol=1e-5)
