@@ -9,6 +9,7 @@ NaN/Inf, and installs nothing until everything passed. No pickle is ever unpickl
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -32,6 +33,8 @@ from .unet import (
     require_adapter,
     rotations,
 )
+
+logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "boft_weights.safetensors"
 CARD_NAME = "README.md"
@@ -254,6 +257,8 @@ def _read_peft_config(path: Path) -> dict:
         raise ValueError(f"{path}: {err}") from err
     if not layout["block_size"] and not layout["block_num"]:
         raise ValueError(f"{path} sets neither boft_block_size nor boft_block_num.")
+    declared = peft.get("boft_n_butterfly_factor")
+    layout["declared_factors"] = declared if isinstance(declared, int) and not isinstance(declared, bool) else None
     return layout
 
 
@@ -291,6 +296,13 @@ def _peft_shapes(
             keys[key], ours[f"{layer}.boft_s"] = f"{layer}.boft_s", (shape[0],)
     if len(factors) != 1:
         raise ValueError(f"{path}: boft_R tensors disagree on the number of factors ({sorted(factors)}) or are missing.")
+    (m,) = factors
+    if layout["declared_factors"] not in (None, m):
+        logger.warning(
+            "%s: adapter_config.json says boft_n_butterfly_factor=%s but boft_R holds %s factor(s); loading %s, "
+            "what the tensors hold. PEFT without its CUDA extension (fbd_cuda) silently trains with 1 factor.",
+            path, layout["declared_factors"], m, m,
+        )
     try:
         config = BOFTConfig(
             block_size=b or None,

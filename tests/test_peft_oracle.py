@@ -6,7 +6,7 @@ import pytest
 import torch
 from peft import BOFTConfig as PeftBOFTConfig
 from peft import PeftModel, get_peft_model
-from peft_oracle import force_butterfly, peft_factor_count
+from peft_oracle import force_butterfly, peft_boft_layer, peft_factor_count
 from tiny_unets import load_unet, run_unet, unet_inputs
 
 from boft_diffusion import BOFTConfig, add_boft, export_peft, load_boft, parameter_count
@@ -87,3 +87,30 @@ def test_peft_fused_weights_equal_ours(unet_dirs, monkeypatch, tmp_path):
         effective = layer.boft_merged_weight if fused else ours.get_parameter(name)
         torch.testing.assert_close(effective, param, atol=1e-5, rtol=0)
     assert all(m.fused for m in ours.modules() if isinstance(m, BOFTLinear))
+
+
+def test_stock_peft_fallback_to_one_factor_is_reported(unet_dirs, monkeypatch, tmp_path, caplog):
+    """Without its CUDA extension PEFT silently trains m=1 while its config says m=2 (README: "PEFT and
+    m > 1, honestly"): we load what the tensors hold and warn; PEFT cannot load our m=2 export then."""
+    monkeypatch.setattr(peft_boft_layer, "_FBD_CUDA", None)
+    monkeypatch.setattr(peft_boft_layer, "get_fbd_cuda", lambda: None)  # the extension failed to build
+    torch.manual_seed(0)
+    model = get_peft_model(load_unet(unet_dirs, "sd1"), PeftBOFTConfig(
+        target_modules=TARGETS, init_weights=False, boft_block_size=4, boft_n_butterfly_factor=2)).eval()
+    assert peft_factor_count(model) == 1
+    model.save_pretrained(tmp_path / "peft")
+    inputs = unet_inputs(model.get_base_model())
+    with torch.no_grad():
+        expected = run_unet(model, inputs)
+    ours = load_unet(unet_dirs, "sd1")
+    with caplog.at_level("WARNING", logger="boft_diffusion.io"):
+        config = load_boft(ours, tmp_path / "peft")
+    assert config.n_butterfly_factors == 1
+    assert "says boft_n_butterfly_factor=2 but boft_R holds 1 factor" in caplog.text
+    torch.testing.assert_close(run_unet(ours, inputs), expected, atol=1e-4, rtol=0)
+
+    two = load_unet(unet_dirs, "sd1")
+    add_boft(two, BOFTConfig(block_size=4, n_butterfly_factors=2))
+    export_peft(two, tmp_path / "ours")
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        PeftModel.from_pretrained(load_unet(unet_dirs, "sd1"), tmp_path / "ours")
