@@ -29,6 +29,7 @@ import math
 import os
 import secrets
 import shutil
+import stat
 import sys
 from pathlib import Path
 from typing import Callable, Collection, Mapping
@@ -52,6 +53,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     tmp = path.parent / f".{path.name}{TEMP_MARK}{secrets.token_hex(4)}"
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies
     try:
+        if path.exists():
+            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))  # a private file stays private
         write(tmp)
         _fsync(tmp)
         os.replace(tmp, path)
@@ -93,16 +96,19 @@ def write_folder(folder: str | os.PathLike, fill: Callable[[Path], None], owns: 
     folder = Path(folder)
     if folder.is_symlink():
         folder = folder.resolve()  # replace the folder the link points to, keep the link
+    folder = Path(os.path.abspath(folder))  # "." has no name to put a sibling beside
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"Cannot write a folder at {folder}: a file is in the way.")
     folder.parent.mkdir(parents=True, exist_ok=True)
     _clean_leftovers(folder)
     new = _sibling(folder, "new")
     os.mkdir(new, 0o777)  # the umask applies
+    cwd = os.getcwd()
     try:
         fill(new)
         _sync_tree(new)
         if folder.exists():
+            os.chmod(new, stat.S_IMODE(folder.stat().st_mode))  # a private folder stays private
             _carry_over(folder, new, owns)
             old = _swap(new, folder)
             _carry_over(old, folder, owns, move=True)  # entries added to the old folder meanwhile
@@ -114,6 +120,8 @@ def write_folder(folder: str | os.PathLike, fill: Callable[[Path], None], owns: 
         shutil.rmtree(new, ignore_errors=True)
         raise
     if old is not None:
+        if Path(cwd).is_relative_to(folder):
+            os.chdir(cwd)  # the process worked inside the old folder: move it into the new one
         shutil.rmtree(old, ignore_errors=True)
     return folder
 
@@ -322,5 +330,5 @@ def require_finite(tensor: torch.Tensor, name: str, source: str | os.PathLike) -
     if bad:
         raise ValueError(
             f"{source}: tensor {name} holds {bad} NaN/Inf value(s) of {tensor.numel()}; refusing to load it "
-            "(the adapter is corrupt or its training diverged)."
+            "(the file is corrupt, or the training that wrote it diverged)."
         )

@@ -58,6 +58,9 @@ def test_files_and_folders_follow_the_umask(tmp_path, umask):
         assert mode(tmp_path / f"f{mask}") == 0o666 & ~mask
         write_folder(tmp_path / f"d{mask}", lambda tmp: (tmp / "a").write_text("x"))
         assert mode(tmp_path / f"d{mask}") == 0o777 & ~mask
+    os.chmod(tmp_path / "f63", 0o640)  # replacing a file keeps its mode
+    atomic_write(tmp_path / "f63", lambda tmp: tmp.write_text("y"))
+    assert mode(tmp_path / "f63") == 0o640 and (tmp_path / "f63").read_text() == "y"
 
 
 def test_failed_atomic_write_keeps_the_file_and_leaves_nothing(tmp_path):
@@ -233,3 +236,20 @@ def test_non_finite_tensors_are_refused_by_name(tmp_path, value):
     save_file({"fine": torch.ones(2), "bad": torch.tensor([0.0, value], dtype=torch.float64)}, path)
     with pytest.raises(ValueError, match=r"w.safetensors: tensor bad holds 1 NaN/Inf"):  # 1e300 overflows float32
         read_tensors(path)
+
+
+def test_replacing_keeps_the_folder_mode_and_the_working_directory(tmp_path, swap_mode, umask):
+    folder = tmp_path / "out"
+    write_folder(folder, lambda tmp: (tmp / "weights").write_text("1"))
+    os.chmod(folder, 0o700)
+    (folder / "logs").mkdir()
+    cwd = os.getcwd()
+    os.chdir(folder / "logs")
+    try:
+        write_folder(".", lambda tmp: (tmp / "weights").write_text("2"))  # saving into the working directory
+        assert os.getcwd() == str(folder / "logs") and os.path.samefile(".", folder / "logs")
+        write_folder("..", lambda tmp: (tmp / "weights").write_text("3"))
+        assert (folder / "weights").read_text() == "3" and os.path.samefile(".", folder / "logs")
+    finally:
+        os.chdir(cwd)
+    assert mode(folder) == 0o700 and leftovers(tmp_path) == []
