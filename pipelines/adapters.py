@@ -67,12 +67,8 @@ class BOFTAdaptersMixin:
     def save_boft(self, save_directory: str | os.PathLike, adapter_name: str | None = None, **kwargs) -> Path:
         """Write one adapter as a unit (weights, config, control head, identifier embeddings, model
         card); `push_to_hub=True, repo_id=...` uploads it. Keywords go to `boft_diffusion.save_boft`."""
-        base = kwargs.pop("base_model", None) or self.name_or_path
+        base = kwargs.pop("base_model", None) or self.name_or_path or None
         return boft_diffusion.save_boft(self.unet, save_directory, adapter_name, base_model=base, **kwargs)
-
-    @property
-    def name_or_path(self) -> str | None:
-        return getattr(self.config, "_name_or_path", None) or None
 
     @property
     def boft_adapters(self) -> list[str]:
@@ -265,7 +261,8 @@ class BOFTAdaptersMixin:
     def _boft_sampling(self, call: dict[str, Any], batch_size: int, height: int, width: int):
         """Around one sampling call: fused weights, identifier embeddings of the active adapters,
         and the control residual, switched per step for control_guidance_start/end (through
-        callback_on_step_end, wrapping the caller's). Rewrites `call`'s callback entries."""
+        callback_on_step_end, wrapping the caller's). Rewrites `call`'s callback entries.
+        `self.control_in_effect` ({adapter: bool}) tells a step-end callback which controls acted."""
         num_images = call.get("num_images_per_prompt", 1)
         if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
             raise ValueError(f"num_images_per_prompt must be a positive integer, got {num_images!r}.")
