@@ -53,8 +53,8 @@ def base_dir(tmp_path_factory):
     return folder
 
 
-def load(base_dir) -> BOFTPipeline:
-    pipe = BOFTPipeline.from_pretrained(base_dir, local_files_only=True)
+def load(base_dir, pipeline_class=BOFTPipeline):
+    pipe = pipeline_class.from_pretrained(base_dir, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

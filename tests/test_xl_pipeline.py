@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
-from sd_helpers import CONFIG, PROMPT, SIZE, base_dir, control_map, make_head, xl_dir  # noqa: F401  (fixtures)
+from sd_helpers import CONFIG, base_dir, control_map, load, make_head, run, xl_dir  # noqa: F401  (fixtures)
 
 import boft_diffusion
 from boft_diffusion.unet import randomize_boft
@@ -15,14 +15,7 @@ from pipelines import BOFTPipeline, BOFTStableDiffusionXLPipeline, load_pipeline
 
 
 def xl(folder) -> BOFTStableDiffusionXLPipeline:
-    pipe = BOFTStableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def run(pipe, seed=0, **kwargs):
-    kwargs = dict(num_inference_steps=2, guidance_scale=5.0, output_type="np", **kwargs)
-    return pipe(PROMPT, generator=torch.Generator().manual_seed(seed), **kwargs).images
+    return load(folder, BOFTStableDiffusionXLPipeline)
 
 
 def test_xl_identity_adapter_control_head_factors_and_round_trip(xl_dir, tmp_path):
