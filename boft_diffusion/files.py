@@ -47,9 +47,13 @@ _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 
 # ----------------------------------------------------------------------------- single files
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
-    """Call write(tmp) then rename tmp over `path`; on any error `path` is left as it was."""
+    """Call write(tmp) then rename tmp over `path`; on any error `path` is left as it was.
+    Temp files a killed earlier write of `path` left behind are deleted first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{_glob_escape(path.name)}{TEMP_MARK}*"):
+        if stale.is_file() and not stale.is_symlink():
+            stale.unlink(missing_ok=True)
     tmp = path.parent / f".{path.name}{TEMP_MARK}{secrets.token_hex(4)}"
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies
     try:

@@ -64,7 +64,9 @@ def test_files_and_folders_follow_the_umask(tmp_path, umask):
 
 
 def test_failed_atomic_write_keeps_the_file_and_leaves_nothing(tmp_path):
+    (tmp_path / f".f{TEMP_MARK}dead").write_text("left by a killed write")
     atomic_write(tmp_path / "f", lambda tmp: tmp.write_text("old"))
+    assert os.listdir(tmp_path) == ["f"]
 
     def broken(tmp):
         tmp.write_text("half")
