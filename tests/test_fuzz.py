@@ -204,8 +204,15 @@ def test_peft_folders(unet, data):
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         (folder / "adapter_config.json").write_bytes(config_file)
-        save_file(data.draw(peft_tensors(unet)), folder / "adapter_model.safetensors")
-        blob = (folder / "adapter_model.safetensors").read_bytes()
-        if data.draw(st.booleans()):
-            (folder / "adapter_model.safetensors").write_bytes(data.draw(mutate_safetensors(blob)))
+        tensors = data.draw(peft_tensors(unet))
+        if data.draw(st.integers(0, 3)):
+            save_file(tensors, folder / "adapter_model.safetensors")
+            blob = (folder / "adapter_model.safetensors").read_bytes()
+            if data.draw(st.booleans()):
+                (folder / "adapter_model.safetensors").write_bytes(data.draw(mutate_safetensors(blob)))
+        else:  # PEFT's older pickle format, read with weights_only
+            torch.save(tensors, folder / "adapter_model.bin")
+            blob = (folder / "adapter_model.bin").read_bytes()
+            cut = data.draw(st.one_of(st.just(len(blob)), st.integers(0, len(blob))))
+            (folder / "adapter_model.bin").write_bytes(blob[:cut])
         check_load(unet, folder)
