@@ -240,7 +240,7 @@ def read_json_object(path: str | os.PathLike) -> dict:
     try:
         data = json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as err:  # JSONDecodeError is a ValueError
-        raise ValueError(f"{path} is not valid JSON ({err}); the adapter folder is corrupt.") from err
+        raise ValueError(f"{path} is not valid JSON ({err}); the file is corrupt or not a config.") from err
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object of fields, not a {type(data).__name__}.")
     return data
