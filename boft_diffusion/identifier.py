@@ -19,9 +19,9 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
+
+from .files import read_tensors, write_tensors
 
 IDENTIFIER_FILE = "identifier_embeddings.safetensors"
 _HOOK_ATTR = "_boft_identifier_hook"
@@ -91,29 +91,27 @@ def load_identifier_embeddings(path: str | os.PathLike, text_encoder, tokenizer)
     file = Path(path) / IDENTIFIER_FILE
     if not file.is_file():
         return None
-    try:
-        state = load_file(str(file))
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"{file} is not a readable safetensors file ({err}); re-save or re-train the adapter.") from err
     width = text_encoder.get_input_embeddings().weight.shape[1]
     vocab = tokenizer.get_vocab()
+
+    def check(shapes: dict[str, tuple[int, ...]]) -> None:  # from the header, before any tensor is read
+        unknown = [t for t in shapes if t not in vocab]
+        if unknown:
+            raise ValueError(f"{file} has token(s) {unknown} that this model's tokenizer does not know: "
+                             "the adapter was made for another model.")
+        wrong = {t: shape for t, shape in shapes.items() if shape != (width,)}
+        if wrong:
+            raise ValueError(f"{file} holds vectors of shape {wrong}, but this text encoder's embeddings have width "
+                             f"{width}: the adapter was made for another model.")
+
+    state = read_tensors(file, check)  # NaN/Inf refused by token
     tokens = list(state)
-    unknown = [t for t in tokens if t not in vocab]
-    if unknown:
-        raise ValueError(f"{file} has token(s) {unknown} that this model's tokenizer does not know: "
-                         "the adapter was made for another model.")
-    wrong = {t: tuple(v.shape) for t, v in state.items() if tuple(v.shape) != (width,)}
-    if wrong:
-        raise ValueError(f"{file} holds vectors of shape {wrong}, but this text encoder's embeddings have width "
-                         f"{width}: the adapter was made for another model.")
     vectors = torch.stack([state[t] for t in tokens]).float()
     return IdentifierEmbeddings(tokens, [vocab[t] for t in tokens], vectors)
 
 
 def save_identifier_embeddings(embeddings: IdentifierEmbeddings, folder: str | os.PathLike) -> Path:
     """Write `identifier_embeddings.safetensors` into an adapter folder (atomically)."""
-    from .io import write_tensors
-
     path = Path(folder) / IDENTIFIER_FILE
     write_tensors(path, embeddings.state(), {"format": "pt", "kind": "boft-diffusion identifier embeddings"})
     return path

@@ -457,6 +457,8 @@ def _read_control_head(unet, folder: Path, vae_scale_factor: int | None):
         head = ControlHead.from_pretrained(head_folder, torch_dtype=model.dtype)
     except (OSError, ValueError, TypeError, json.JSONDecodeError) as err:
         raise ValueError(f"{head_folder} is not a readable control head ({err}).") from err
+    for name, tensor in head.state_dict().items():
+        require_finite(tensor, name, head_folder)
     conv_in = model.conv_in.out_channels
     factor_ok = vae_scale_factor is None or head.config.downscale_factor == vae_scale_factor
     if head.config.out_channels != conv_in or not factor_ok:
@@ -492,7 +494,8 @@ def export_peft(unet, save_directory: str | os.PathLike, adapter_name: str | Non
         "inference_mode": True,
         "revision": None,
     }
-    folder = Path(save_directory)
-    write_tensors(folder / PEFT_WEIGHTS_NAME, tensors, {"format": "pt"})
-    write_text(folder / PEFT_CONFIG_NAME, json.dumps(peft_config, indent=2) + "\n")
-    return folder
+    def fill(tmp: Path) -> None:
+        write_tensors(tmp / PEFT_WEIGHTS_NAME, tensors, {"format": "pt"})
+        write_text(tmp / PEFT_CONFIG_NAME, json.dumps(peft_config, indent=2) + "\n")
+
+    return write_folder(Path(save_directory), fill, owns=(PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, PEFT_PICKLE_NAME))

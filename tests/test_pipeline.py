@@ -234,3 +234,32 @@ def test_set_adapters_empty_without_adapters_is_a_no_op(base_dir):
     pipe = load(base_dir)
     pipe.set_adapters([])  # diffusers' LoRA path would raise KeyError('unet') here
     assert pipe.boft_adapters == []
+
+
+def test_non_finite_head_or_identifier_is_refused(base_dir, adapter_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from boft_diffusion.identifier import IDENTIFIER_FILE
+
+    broken = tmp_path / "head"
+    shutil.copytree(adapter_dir, broken)
+    weights = broken / "control_head" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(weights))
+    state["conv_out.weight"][0, 0, 0, 0] = float("nan")
+    save_file(state, str(weights))
+    pipe = load(base_dir)
+    with pytest.raises(ValueError, match="conv_out.weight holds 1 NaN/Inf"):
+        pipe.load_boft(broken)
+    assert pipe.boft_adapters == []
+
+    identifier = tmp_path / "identifier"
+    shutil.copytree(adapter_dir, identifier)
+    save_file({"sks</w>": torch.full((32,), float("inf"))}, str(identifier / IDENTIFIER_FILE))
+    with pytest.raises(ValueError, match="sks</w> holds 32 NaN/Inf"):
+        pipe.load_boft(identifier)
+    save_file({"sks</w>": torch.zeros(7)}, str(identifier / IDENTIFIER_FILE))
+    with pytest.raises(ValueError, match="width 32: the adapter was made for another model"):
+        pipe.load_boft(identifier)
+    assert pipe.boft_adapters == []
