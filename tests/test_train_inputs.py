@@ -165,12 +165,3 @@ def test_subject_folder_with_a_non_image_named_like_one(tmp_path):
     with pytest.raises(ValueError, match=r"zz.png"):
         subject_data.read_image_folder(folder, "--instance_data_dir", 32)
 
-
-def test_an_sdxl_folder_is_refused_by_name(tmp_path):
-    folder = tmp_path / "sdxl"
-    folder.mkdir()
-    (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}))
-    with pytest.raises(ValueError, match=r"is a StableDiffusionXLPipeline model; .* train Stable Diffusion 1.x/2.x"):
-        train_control.main(control_args(folder, tmp_path / "out"))

@@ -170,38 +170,38 @@ def total_steps(args, steps_per_epoch: int) -> int:
 
 
 # ----------------------------------------------------------------------------- models
-def load_components(model_name_or_path: str | None, dtype: torch.dtype = torch.float32, revision=None, variant=None):
-    """(path, tokenizer, text_encoder, vae, unet, noise_scheduler) of a diffusers SD folder or hub id,
-    frozen, weights in `dtype`."""
+def load_components(model_name_or_path: str | None, dtype: torch.dtype = torch.float32, revision=None, variant=None) -> dict:
+    """The frozen parts of an SD 1.x/2.x or SDXL model (folder or hub id; the family read from its
+    model_index.json, any other family refused by name), weights in `dtype`: {path, family, tokenizer,
+    text_encoder, tokenizer_2, text_encoder_2 (None for SD), vae, unet, noise_scheduler}.
+
+    An SDXL VAE that asks for upcasting (`force_upcast`: it overflows in fp16) stays fp32 under fp16,
+    as in diffusers' SDXL trainers."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from pipelines import model_family
 
     path = resolve_model(model_name_or_path)
-    check_family(path, revision)
+    family = model_family(path, revision=revision)
     hub = {"revision": revision}
-    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **hub)
-    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype, variant=variant, **hub)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, variant=variant, **hub)
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, variant=variant, **hub)
-    scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **hub)
-    for model in (text_encoder, vae, unet):
-        model.requires_grad_(False)
-    return path, tokenizer, text_encoder, vae, unet, scheduler
-
-
-def check_family(path: str, revision: str | None) -> None:
-    """Refuse, by name, model families whose UNet takes more than text embeddings (SDXL's pooled
-    embeddings and time ids) or that have no UNet (SD3, Flux): the trainers train SD 1.x/2.x UNets."""
-    from diffusers import DiffusionPipeline
-
-    try:
-        index = DiffusionPipeline.load_config(path, revision=revision)
-    except Exception:  # no model_index.json: loading the components says what is missing
-        return
-    name = index.get("_class_name", "?")
-    if "text_encoder_2" in index or "unet" not in index:
-        raise ValueError(f"{path} is a {name} model; train_control.py and train_subject.py train Stable Diffusion "
-                         "1.x/2.x models (one text encoder and a UNet), e.g. stabilityai/stable-diffusion-2-1-base.")
+    parts = {"path": path, "family": family, "tokenizer_2": None, "text_encoder_2": None}
+    parts["tokenizer"] = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **hub)
+    parts["text_encoder"] = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype, variant=variant, **hub)
+    if family == "sdxl":
+        parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **hub)
+        parts["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
+            path, subfolder="text_encoder_2", dtype=dtype, variant=variant, **hub)
+    vae_dtype = dtype
+    if family == "sdxl" and dtype == torch.float16:
+        vae_dtype = torch.float32 if AutoencoderKL.load_config(path, subfolder="vae", **hub).get("force_upcast", True) else dtype
+    parts["vae"] = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=vae_dtype, variant=variant, **hub)
+    parts["unet"] = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, variant=variant, **hub)
+    parts["noise_scheduler"] = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **hub)
+    for name in ("text_encoder", "text_encoder_2", "vae", "unet"):
+        if parts[name] is not None:
+            parts[name].requires_grad_(False)
+    return parts
 
 
 def vae_scale_factor(vae) -> int:
@@ -223,12 +223,6 @@ def check_model(args, path: str, vae, unet, noise_scheduler) -> int:
                          f"the VAE downsamples by {factor}); use e.g. {max(multiple, resolution // multiple * multiple)} "
                          f"(this model's native size is {native}).")
     return resolution
-
-
-def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
-    return tokenizer(
-        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
 
 
 def make_optimizer(args, adapter_params: list, other_params=(), other_lr: float | None = None, lr_scale: float = 1.0):

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from boft_diffusion.data import SEG_PALETTE, make_dataset, render_landmarks
+from training import conditioning
 from training.common import positive
 from training.images import read_image, to_rgb
 
@@ -38,10 +39,11 @@ def add_data_args(parser) -> None:
     a("--proportion_empty_prompts", type=float, default=0.0, help="Share of captions replaced by '' (for CFG).")
 
 
-def load_control_dataset(args, resolution: int, split_seed_offset: int = 0) -> "ControlRows":
+def load_control_dataset(args, resolution: int, split_seed_offset: int = 0, time_ids: bool = False) -> "ControlRows":
     """The training rows (a hub or local dataset with the configured columns, or the synthetic set),
     checked at start-up: missing columns, captions that are not text and empty metadata files are
-    named here; images are decoded (and named when unreadable) by `ControlRows`."""
+    named here; images are decoded (and named when unreadable) by `ControlRows`. `time_ids`: rows
+    also carry SDXL's size and crop conditioning."""
     from datasets import Image as ImageFeature
     from datasets import load_dataset
 
@@ -61,7 +63,7 @@ def load_control_dataset(args, resolution: int, split_seed_offset: int = 0) -> "
     for column in (args.image_column, args.conditioning_image_column):  # decoded by ControlRows, which names bad rows
         if isinstance(dataset.features.get(column), ImageFeature):
             dataset = dataset.cast_column(column, ImageFeature(decode=False))
-    return ControlRows(dataset, args, resolution, root)
+    return ControlRows(dataset, args, resolution, root, time_ids)
 
 
 def load_image_folder(folder: str, flag: str):
@@ -158,11 +160,12 @@ def control_image_of(row: dict, args, resolution: int, what: str, image_size: tu
 
 class ControlRows(torch.utils.data.Dataset):
     """Rows of a `datasets.Dataset` as tensors: pixel_values in [-1, 1], conditioning_pixel_values in
-    [0, 1] (both (3, H, W)) and the caption. Images are decoded here, so an unreadable one is named
-    by its row and file rather than deep inside `datasets`."""
+    [0, 1] (both (3, H, W)) and the caption; with `time_ids`, the image's SDXL time ids (6,) (its size
+    and the centre crop's corner). Images are decoded here, so an unreadable one is named by its row
+    and file rather than deep inside `datasets`."""
 
-    def __init__(self, rows, args, resolution: int, root: str | None = None):
-        self.rows, self.args, self.resolution, self.root = rows, args, resolution, root
+    def __init__(self, rows, args, resolution: int, root: str | None = None, time_ids: bool = False):
+        self.rows, self.args, self.resolution, self.root, self.time_ids = rows, args, resolution, root, time_ids
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -172,16 +175,18 @@ class ControlRows(torch.utils.data.Dataset):
         image = to_rgb(read_image(row[args.image_column], f"image of {what}", self.root))
         control = control_image_of(row, args, self.resolution, what, image.size, self.root)
         caption = row[args.caption_column]
-        return {
+        item = {
             "pixel_values": to_tensor(resize_center_crop(image, self.resolution, Image.BICUBIC)) * 2 - 1,
             "conditioning_pixel_values": to_tensor(control),
             "caption": caption[0] if isinstance(caption, (list, tuple)) else caption,
         }
+        if self.time_ids:
+            _, (left, top) = resize_crop_geometry(*image.size, self.resolution)
+            item["time_ids"] = conditioning.time_ids((image.height, image.width), (top, left), self.resolution)
+        return item
 
 
 def collate(examples: list[dict]) -> dict:
-    return {
-        "pixel_values": torch.stack([e["pixel_values"] for e in examples]),  # (B, 3, H, W)
-        "conditioning_pixel_values": torch.stack([e["conditioning_pixel_values"] for e in examples]),
-        "caption": [e["caption"] for e in examples],
-    }
+    """Tensors stacked, (B, 3, H, W) images and (B, 6) time ids; captions as a list."""
+    return {key: [e[key] for e in examples] if key == "caption" else torch.stack([e[key] for e in examples])
+            for key in examples[0]}

@@ -39,7 +39,7 @@ from boft_diffusion.data import DEFAULT_SUBJECT, landmarks, render_landmarks, su
 from boft_diffusion.data.shapes import COLORS, SHAPES
 from boft_diffusion.metrics import ClipScores, DinoSimilarity, parse_caption, prompt_accuracy, score_landmarks, subject_similarity
 from boft_diffusion.tiny import model_path, resolve_model
-from pipelines import BOFTPipeline, interpolation_grid
+from pipelines import interpolation_grid, load_pipeline
 from training.subject_data import center_square, check_prompt, identifier_words, prompt_words, read_image_folder
 
 logger = logging.getLogger("boft_diffusion.evaluate_subject")
@@ -224,7 +224,7 @@ def main(argv=None) -> dict:
     identifier = identifier_words(info["instance_prompt"], info["class_prompt"])
 
     base = resolve_model(args.pretrained_model_name_or_path)
-    pipe = BOFTPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
+    pipe = load_pipeline(base, safety_checker=None, requires_safety_checker=False)  # SD 1.x/2.x or SDXL, from the folder
     pipe.set_progress_bar_config(disable=True)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     head_owner = None

@@ -44,8 +44,11 @@ class Run:
     accelerator: Accelerator
     weight_dtype: torch.dtype
     model_path: str
+    family: str  # "sd" or "sdxl" (pipelines.model_family)
     tokenizer: Any
     text_encoder: Any
+    tokenizer_2: Any  # SDXL's second text encoder and tokenizer; None for SD
+    text_encoder_2: Any
     vae: Any
     unet: Any
     noise_scheduler: Any
@@ -89,19 +92,19 @@ def start(args) -> Run:
     )
     set_seed(args.seed)  # module inits (e.g. a control head); noise is seeded per sample (per_sample_noise)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    path, tokenizer, text_encoder, vae, unet, noise_scheduler = common.load_components(
-        args.pretrained_model_name_or_path, weight_dtype, args.revision, args.variant
-    )
-    resolution = common.check_model(args, path, vae, unet, noise_scheduler)
+    parts = common.load_components(args.pretrained_model_name_or_path, weight_dtype, args.revision, args.variant)
+    path, family = parts.pop("path"), parts.pop("family")
+    resolution = common.check_model(args, path, parts["vae"], parts["unet"], parts["noise_scheduler"])
     repo_id = None
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         if args.push_to_hub:
             repo_id = create_hub_repo(args)
-    for model in (text_encoder, vae, unet):
-        model.to(accelerator.device)
-    return Run(args, accelerator, weight_dtype, path, tokenizer, text_encoder, vae, unet, noise_scheduler, resolution,
-               base_unet=unet, repo_id=repo_id)
+    for name in ("text_encoder", "text_encoder_2", "vae", "unet"):
+        if parts[name] is not None:
+            parts[name].to(accelerator.device)
+    return Run(args, accelerator, weight_dtype, path, family, resolution=resolution, base_unet=parts["unet"],
+               repo_id=repo_id, **parts)
 
 
 def add_adapter(run: Run) -> None:
@@ -230,14 +233,14 @@ def noised(run: Run, pixels: torch.Tensor, sample_ids: list[int], step_key: int,
     """(noisy latents, timesteps, target, drop_prompt (B,) bool) of images in [-1, 1], each sample's
     latent noise, diffusion noise, timestep and prompt dropout drawn from its own index."""
     args, device, dtype = run.args, run.device, run.weight_dtype
-    with torch.no_grad():
-        posterior = run.vae.encode(pixels.to(device, dtype)).latent_dist
+    with torch.no_grad():  # in the VAE's dtype: fp32 for an SDXL VAE under fp16 (common.load_components)
+        posterior = run.vae.encode(pixels.to(device, run.vae.dtype)).latent_dist
     noise, timesteps, drop = per_sample_noise(
         (2, *posterior.mean.shape[1:]), args.seed, step_key, sample_ids, run.noise_scheduler.config.num_train_timesteps,
         p_empty, args.timestep_sampling,
     )
     vae_noise, noise = noise[:, 0].to(device, dtype), noise[:, 1].to(device, dtype)
-    latents = (posterior.mean + posterior.std * vae_noise) * run.vae.config.scaling_factor
+    latents = ((posterior.mean + posterior.std * vae_noise) * run.vae.config.scaling_factor).to(dtype)
     timesteps = timesteps.to(device)
     noisy = run.noise_scheduler.add_noise(latents, noise, timesteps)
     return noisy, timesteps, prediction_target(run.noise_scheduler, latents, noise, timesteps), drop

@@ -21,6 +21,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from boft_diffusion.data import DEFAULT_SUBJECT
+from training import conditioning
 from training.common import positive
 from training.images import to_rgb
 
@@ -28,6 +29,7 @@ logger = logging.getLogger("boft_diffusion.training")
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 WORD_RE = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+ORIGINAL_SIZE = "boft_original_size"  # (height, width) of a read image before resizing, in its `info`
 
 
 def add_data_args(parser) -> None:
@@ -89,7 +91,8 @@ def center_square(image: Image.Image, size: int) -> Image.Image:
 
 
 def read_image_folder(folder, what: str, resolution: int, min_count: int = 1, limit: int | None = None) -> list[Image.Image]:
-    """All images of a folder (name order, at most `limit`), resized for `resolution`.
+    """All images of a folder (name order, at most `limit`), resized for `resolution` (the size they
+    had kept in `info[ORIGINAL_SIZE]`).
 
     Raises a ValueError listing every unreadable file, or, with fewer than `min_count` images,
     listing what the folder holds.
@@ -98,7 +101,11 @@ def read_image_folder(folder, what: str, resolution: int, min_count: int = 1, li
     images, bad = [], []
     for path in files:
         try:
-            images.append(resize_short_side(open_image(path), resolution))
+            image = open_image(path)
+            size = (image.height, image.width)
+            image = resize_short_side(image, resolution)
+            image.info[ORIGINAL_SIZE] = size  # SDXL's size conditioning wants the size before resizing
+            images.append(image)
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
             bad.append(f"  {path.name}: {err}")
         if limit is not None and len(images) >= limit:
@@ -238,18 +245,19 @@ class DreamBoothDataset(torch.utils.data.Dataset):
 
     Length is the larger of the two folders (at least `min_length`), as in diffusers, so every
     instance image is seen about equally often. Call `set_epoch` before each epoch: random crops
-    depend on (seed, epoch, row) only.
+    depend on (seed, epoch, row) only. `time_ids`: rows also carry each image's SDXL time ids
+    (instance_time_ids, class_time_ids: its size before resizing and its crop's corner).
     """
 
     def __init__(self, instance_images, resolution: int, center_crop: bool, seed: int,
-                 class_images=None, min_length: int = 1, class_labels=None):
+                 class_images=None, min_length: int = 1, class_labels=None, time_ids: bool = False):
         if not instance_images:
             raise ValueError("DreamBoothDataset needs at least one instance image.")
         self.instance_images, self.class_images = list(instance_images), list(class_images or [])
         self.class_labels = list(class_labels) if class_labels is not None else [0] * len(self.class_images)
         if len(self.class_labels) != len(self.class_images):
             raise ValueError(f"{len(self.class_labels)} class labels for {len(self.class_images)} class images.")
-        self.resolution, self.center_crop, self.seed = resolution, center_crop, seed
+        self.resolution, self.center_crop, self.seed, self.time_ids = resolution, center_crop, seed, time_ids
         self.length = max(len(self.instance_images), len(self.class_images), min_length)
         self.epoch = 0
 
@@ -259,26 +267,30 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def crop(self, image: Image.Image, row: int, kind: int) -> torch.Tensor:
+    def crop(self, image: Image.Image, row: int, kind: int) -> dict:
+        """{"{kind}_pixel_values": (3, H, W)} (+ "{kind}_time_ids": (6,)) for kind "instance" or "class"."""
         size = self.resolution
         w, h = image.size
         if self.center_crop:
             left, top = (w - size) // 2, (h - size) // 2
         else:
-            g = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_003 + row) * 2 + kind)
+            g = torch.Generator().manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_003 + row) * 2 + int(kind == "class"))
             left = int(torch.randint(0, w - size + 1, (1,), generator=g))
             top = int(torch.randint(0, h - size + 1, (1,), generator=g))
-        return to_tensor(image.crop((left, top, left + size, top + size)))
+        item = {f"{kind}_pixel_values": to_tensor(image.crop((left, top, left + size, top + size)))}
+        if self.time_ids:
+            item[f"{kind}_time_ids"] = conditioning.time_ids(image.info.get(ORIGINAL_SIZE, (h, w)), (top, left), size)
+        return item
 
     def __getitem__(self, row: int) -> dict:
-        item = {"instance_pixel_values": self.crop(self.instance_images[row % len(self.instance_images)], row, 0)}
+        item = self.crop(self.instance_images[row % len(self.instance_images)], row, "instance")
         if self.class_images:
-            item["class_pixel_values"] = self.crop(self.class_images[row % len(self.class_images)], row, 1)
+            item.update(self.crop(self.class_images[row % len(self.class_images)], row, "class"))
             item["class_prompt_index"] = torch.tensor(self.class_labels[row % len(self.class_images)])
         return item
 
 
 def collate(examples: list[dict]) -> dict:
     """Instance and class images stay under their own keys, (B, 3, H, W) each, so a batch split across
-    processes gives each process both kinds; the loss concatenates them. class_prompt_index is (B,)."""
+    processes gives each process both kinds; the loss concatenates them. class_prompt_index is (B,), time ids (B, 6)."""
     return {key: torch.stack([e[key] for e in examples]) for key in examples[0]}

@@ -4,7 +4,8 @@
     accelerate launch training/train_control.py --pretrained_model_name_or_path stabilityai/stable-diffusion-2-1-base \\
         --dataset_name oftverse/control-celeba-hq --resolution 512 --boft_block_num 8 --boft_n_butterfly_factors 4
 
-The arguments are those of diffusers' train_controlnet.py plus BOFT's; the script reads like it:
+SDXL models (stabilityai/stable-diffusion-xl-base-1.0, --resolution 1024) are recognised from their
+folder. The arguments are those of diffusers' train_controlnet.py plus BOFT's; the script reads like it:
 arguments, models, data, the loss of one micro-batch; the loop, checkpoints, validation and the
 final save are the shared ones (training/loop.py).
 """
@@ -24,6 +25,7 @@ if __package__ in (None, ""):  # `python training/train_control.py` from a check
 
 from boft_diffusion.control import ControlHead, control_residual
 from training import common, loop
+from training.conditioning import PromptEncoder, predict
 from training.control_data import add_data_args, collate, load_control_dataset
 from training.validation import ControlValidator
 
@@ -57,23 +59,23 @@ def main(argv=None) -> dict:
     head = ControlHead.for_unet(run.unet, common.vae_scale_factor(run.vae), args.control_head_channels).to(run.device)
     head.train()
     loop.logger.info("control head: %s parameters", f"{sum(p.numel() for p in head.parameters()):,}")
-    dataset = load_control_dataset(args, run.resolution)
+    dataset = load_control_dataset(args, run.resolution, time_ids=run.family == "sdxl")
     loop.prepare(run, dataset, collate, control_head=head, other_lr=args.control_head_lr)
     run.validator = ControlValidator(run, head)
-    empty_ids = common.tokenize(run.tokenizer, [""])
+    prompts = PromptEncoder(run)
+    empty_ids = prompts.ids([""])
     prepared_head = run.modules[0]
 
     def loss_fn(batch, indices, step_key):
         """Denoising loss with the control residual; captions dropped to "" at --proportion_empty_prompts."""
         noisy, timesteps, target, drop = loop.noised(run, batch["pixel_values"], indices, step_key,
                                                      args.proportion_empty_prompts)
-        ids = common.tokenize(run.tokenizer, batch["caption"])
-        ids = torch.where(drop[:, None], empty_ids.expand_as(ids), ids).to(run.device)
+        ids = [torch.where(drop[:, None], empty.expand_as(i), i) for i, empty in zip(prompts.ids(batch["caption"]), empty_ids)]
         with torch.no_grad():
-            text = run.text_encoder(ids)[0]
+            text = prompts.encode(ids)
         residual = prepared_head(batch["conditioning_pixel_values"].to(run.device))  # (B, C, h, w), fp32
         with control_residual(run.base_unet, residual):
-            pred = run.unet(noisy, timesteps, text).sample
+            pred = predict(run.unet, noisy, timesteps, text, batch.get("time_ids"))
         return F.mse_loss(pred.float(), target.float()), {}
 
     metrics = loop.train(run, loss_fn, "train_control")

@@ -7,8 +7,9 @@
         --with_prior_preservation --class_data_dir class_dog/ --resolution 512 --boft_block_num 8 \\
         --boft_n_butterfly_factors 4 --learning_rate 3e-5 --validation_prompt "a photo of sks dog in a bucket"
 
-The arguments are those of diffusers' train_dreambooth_lora.py plus BOFT's; the script reads like
-it: arguments, models, class images, data, the loss of one micro-batch; the loop, checkpoints,
+SDXL models are recognised from their folder (stabilityai/stable-diffusion-xl-base-1.0: --resolution
+1024). The arguments are those of diffusers' train_dreambooth_lora.py plus BOFT's; the script reads
+like it: arguments, models, class images, data, the loss of one micro-batch; the loop, checkpoints,
 validation and the final save are the shared ones (training/loop.py).
 """
 
@@ -22,7 +23,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import StableDiffusionPipeline
 
 if __package__ in (None, ""):  # `python training/train_subject.py` from a checkout
     import sys
@@ -32,6 +32,7 @@ if __package__ in (None, ""):  # `python training/train_subject.py` from a check
 from boft_diffusion.data import DEFAULT_SUBJECT, write_subject_folder
 from boft_diffusion.identifier import attach_identifier, new_identifier_embeddings
 from training import common, loop
+from training.conditioning import PromptEncoder, predict
 from training.evaluate_subject import SUBJECT_FILE
 from training.subject_data import (
     DreamBoothDataset,
@@ -44,7 +45,7 @@ from training.subject_data import (
     identifier_words,
     read_image_folder,
 )
-from training.validation import SubjectValidator, load_sampling_scheduler
+from training.validation import SubjectValidator, sampling_pipeline
 
 logger = logging.getLogger("boft_diffusion.train_subject")
 
@@ -116,11 +117,7 @@ def main(argv=None) -> dict:
     if args.with_prior_preservation:
         folders = class_folders(args.class_data_dir or os.path.join(args.output_dir, "class_images"), args.class_prompts)
         if accelerator.is_main_process:
-            base = StableDiffusionPipeline(
-                vae=run.vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=run.unet,
-                scheduler=load_sampling_scheduler(run.model_path), safety_checker=None, feature_extractor=None,
-                requires_safety_checker=False,
-            )
+            base = sampling_pipeline(run)  # the base model: the adapter comes after the class images
             for folder, prompt in zip(folders, args.class_prompts):
                 generate_class_images(
                     base, folder, prompt, args.num_class_images, args.seed, args.sample_batch_size,
@@ -138,8 +135,8 @@ def main(argv=None) -> dict:
 
     # The class prompts never change: encode them once. So does the instance prompt, unless the
     # identifier's embedding is learned (then it is encoded each step, through the frozen encoder).
-    identifier = None
-    instance_ids = common.tokenize(tokenizer, [args.instance_prompt]).to(run.device)
+    identifier, prompts = None, PromptEncoder(run)
+    instance_ids = prompts.ids([args.instance_prompt])
     if args.train_identifier_embedding:
         identifier = new_identifier_embeddings(text_encoder, tokenizer, args.identifier, args.class_prompts).to(run.device)
         # Called from a hook inside the text encoder, also by validation on the main process
@@ -148,20 +145,19 @@ def main(argv=None) -> dict:
         attach_identifier(text_encoder, identifier)
         logger.info(f"learning the embedding of identifier token(s) {identifier.tokens}")
     with torch.no_grad():
-        fixed_instance_text = text_encoder(instance_ids)[0]
-        class_text = text_encoder(common.tokenize(tokenizer, args.class_prompts).to(run.device))[0] \
-            if class_images else None  # (n_class_prompts, L, D)
+        fixed_instance_text = prompts.encode(instance_ids)
+        class_text = prompts(args.class_prompts) if class_images else None  # (n_class_prompts, L, D), ...
 
     global_batch = args.train_batch_size * accelerator.num_processes
-    dataset = DreamBoothDataset(instance_images, resolution, args.center_crop, args.seed, class_images,
-                                min_length=global_batch * args.gradient_accumulation_steps, class_labels=class_labels)
+    dataset = DreamBoothDataset(instance_images, resolution, args.center_crop, args.seed, class_images, class_labels=class_labels,
+                                min_length=global_batch * args.gradient_accumulation_steps, time_ids=run.family == "sdxl")
     loop.prepare(run, dataset, collate, identifier=identifier, other_lr=args.identifier_lr)
     run.validator = SubjectValidator(run, [center_square(im, resolution) for im in instance_images], args.identifier or [])
 
     def loss_fn(batch, indices, step_key):
         """Instance denoising loss (+ prior_loss_weight x class loss). Instance example g draws from
         sample index 2g, its class partner from 2g + 1, so the split across processes never changes a draw."""
-        instance_text = text_encoder(instance_ids)[0] if identifier is not None else fixed_instance_text
+        instance_text = prompts.encode(instance_ids) if identifier is not None else fixed_instance_text
         return dreambooth_loss(run, batch, indices, step_key, instance_text, class_text)
 
     metrics = loop.train(run, loss_fn, "train_subject")
@@ -179,17 +175,19 @@ def main(argv=None) -> dict:
 
 
 def dreambooth_loss(run, batch, indices, step_key, instance_text, class_text) -> tuple[torch.Tensor, dict]:
-    pixels = batch["instance_pixel_values"]
+    """`instance_text`, `class_text`: PromptEncoder outputs of the instance prompt and of the class prompts."""
+    pixels, time_ids = batch["instance_pixel_values"], batch.get("instance_time_ids")  # time ids: SDXL only
     n = pixels.shape[0]
-    text = instance_text.expand(n, -1, -1)
+    text = {k: v.expand(n, *v.shape[1:]) for k, v in instance_text.items()}
     sample_ids = [2 * g for g in indices]
     prior = "class_pixel_values" in batch
     if prior:
         pixels = torch.cat([pixels, batch["class_pixel_values"]])  # (2B, 3, H, W): instance, then class
-        text = torch.cat([text, class_text[batch["class_prompt_index"].to(class_text.device)]])
+        text = {k: torch.cat([v, class_text[k][batch["class_prompt_index"].to(v.device)]]) for k, v in text.items()}
+        time_ids = None if time_ids is None else torch.cat([time_ids, batch["class_time_ids"]])
         sample_ids += [2 * g + 1 for g in indices]
     noisy, timesteps, target, _ = loop.noised(run, pixels, sample_ids, step_key)
-    pred = run.unet(noisy, timesteps, text).sample.float()
+    pred = predict(run.unet, noisy, timesteps, text, time_ids).float()
     if not prior:
         return F.mse_loss(pred, target.float()), {}
     instance_loss = F.mse_loss(pred[:n], target[:n].float())

@@ -14,7 +14,7 @@ from PIL import Image
 
 from boft_diffusion.data import decode_segmentation, make_dataset
 from boft_diffusion.metrics import score_landmarks, score_segmentation
-from pipelines import BOFTPipeline, interpolation_grid
+from pipelines import BOFTPipeline, BOFTStableDiffusionXLPipeline, interpolation_grid
 from training import evaluate_subject
 from training.images import read_image, to_rgb
 
@@ -27,6 +27,26 @@ def load_sampling_scheduler(model_path: str):
 
     config = diffusers.DDPMScheduler.load_config(model_path, subfolder="scheduler")
     return getattr(diffusers, config["_class_name"]).from_config(config)
+
+
+def sampling_pipeline(run):
+    """The BOFT pipeline of the run's model family over the run's own modules (nothing copied or
+    recast), with the sampling scheduler the model ships: validation, and class images before the
+    adapter is added."""
+    parts = dict(vae=run.vae, text_encoder=run.text_encoder, tokenizer=run.tokenizer, unet=run.base_unet,
+                 scheduler=load_sampling_scheduler(run.model_path), feature_extractor=None)
+    if run.family == "sdxl":
+        from diffusers import DiffusionPipeline
+
+        index = DiffusionPipeline.load_config(run.model_path, revision=run.args.revision)
+        pipeline = BOFTStableDiffusionXLPipeline(
+            **parts, text_encoder_2=run.text_encoder_2, tokenizer_2=run.tokenizer_2, add_watermarker=False,
+            force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True),
+        )
+    else:
+        pipeline = BOFTPipeline(**parts, safety_checker=None, requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
 
 
 def validation_set(args, resolution: int, offset: int = 10_000):
@@ -69,12 +89,9 @@ class Validator:
 
     def __init__(self, run, control_head=None):
         self.job, self.args = run, run.args
-        self.pipeline = BOFTPipeline(
-            vae=run.vae, text_encoder=run.text_encoder, tokenizer=run.tokenizer, unet=run.base_unet,
-            scheduler=load_sampling_scheduler(run.model_path), safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False, control_head=control_head,
-        )
-        self.pipeline.set_progress_bar_config(disable=True)
+        self.pipeline = sampling_pipeline(run)
+        if control_head is not None:
+            self.pipeline.attach_control_head(control_head)
 
     def run(self, step: int) -> dict:
         modules = [m for m in (self.pipeline.unet, self.pipeline.control_head) if m is not None]
