@@ -16,7 +16,7 @@ from train_helpers import run_until_first_checkpoint
 
 from boft_diffusion.identifier import IDENTIFIER_FILE
 from pipelines import BOFTStableDiffusionXLPipeline, load_pipeline
-from training import control_data, evaluate_subject, subject_data, train_control, train_subject
+from training import common, control_data, evaluate_subject, loop, subject_data, train_control, train_subject
 from training.conditioning import POOLED, TEXT, PromptEncoder, time_ids
 
 COMMON = ["--report_to", "none", "--train_batch_size", "2", "--max_train_steps", "4", "--learning_rate", "1e-2",
@@ -26,7 +26,7 @@ COMMON = ["--report_to", "none", "--train_batch_size", "2", "--max_train_steps",
 
 def control_args(model_dir, out, *extra):
     return ["--pretrained_model_name_or_path", str(model_dir), "--output_dir", str(out), *COMMON,
-            "--synthetic_samples", "16", "--seed", "7", *extra]
+            "--synthetic_samples", "16", "--proportion_empty_prompts", "0.5", "--seed", "7", *extra]
 
 
 def subject_args(model_dir, out, *extra):
@@ -155,6 +155,27 @@ def test_subject_on_sdxl_trains_saves_and_resumes(xl_dir, tmp_path, monkeypatch)
     run_until_first_checkpoint(train_subject.main, subject_args(xl_dir, killed), monkeypatch)
     train_subject.main(subject_args(xl_dir, killed, "--resume_from_checkpoint", "latest"))
     assert_same(saved(killed, IDENTIFIER_FILE), saved(straight, IDENTIFIER_FILE))
+
+
+def test_bf16_on_sdxl_validates_and_keeps_trainables_fp32(xl_dir, tmp_path):
+    out = tmp_path / "bf16"
+    metrics = train_control.main(control_args(xl_dir, out, "--mixed_precision", "bf16", "--max_train_steps", "1"))
+    assert np.isfinite(metrics["landmark_error"])
+    head = "control_head/diffusion_pytorch_model.safetensors"
+    assert {v.dtype for v in saved(out, head).values()} == {torch.float32}
+
+
+def test_under_fp16_the_sdxl_vae_encodes_in_fp32(xl_dir, tiny_sd_dir):
+    """SDXL's VAE overflows in fp16 (its config says force_upcast), as diffusers' SDXL trainers know;
+    SD keeps its VAE in the training dtype."""
+    parts = common.load_components(str(xl_dir), torch.float16)
+    assert parts["family"] == "sdxl" and parts["vae"].dtype == torch.float32
+    assert parts["unet"].dtype == parts["text_encoder"].dtype == parts["text_encoder_2"].dtype == torch.float16
+    assert common.load_components(tiny_sd_dir, torch.float16)["vae"].dtype == torch.float16
+    run = types.SimpleNamespace(args=argparse.Namespace(seed=0, timestep_sampling="uniform"), device=torch.device("cpu"),
+                                weight_dtype=torch.float16, vae=parts["vae"], noise_scheduler=parts["noise_scheduler"])
+    noisy, _, target, _ = loop.noised(run, torch.zeros(2, 3, 32, 32), [0, 1], 0)
+    assert noisy.dtype == target.dtype == torch.float16 and noisy.shape == (2, 4, 16, 16) and noisy.isfinite().all()
 
 
 @pytest.mark.parametrize("trainer", [train_control, train_subject])
