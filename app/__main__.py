@@ -58,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         ("max_steps", int, "denoising steps per image"),
         ("max_image_size", int, "control image width and height in pixels"),
         ("max_upload_mb", float, "control image file size in MB"),
-        ("max_strip_images", int, "images in one interpolation strip (more factors: k spread from m to 0)"),
+        ("max_strip_images", int, "images in one interpolation strip (k from m to 0 in that many steps)"),
         ("max_adapters", int, "adapters loaded at once"),
     ):
         served.add_argument(f"--{field}", type=kind, default=getattr(defaults, field),

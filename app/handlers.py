@@ -2,41 +2,48 @@
 
 Plain Python on top of `BOFTPipeline`, so tests call it directly. Gradio appears only as
 `gr.Error`: every failure a user can cause (a missing control image, an upload that is not an
-image, an adapter made for another model) reaches the page as the library's message, with server
-paths cut out (`security.client_message`; the log keeps the full text), and the server keeps running.
-Every request is checked against `limits.Limits` here, so the API gets the page's caps too; control
-files named by a client are opened only through `security.ControlFiles`.
+image, an adapter made for another model, a k out of range) reaches the page as a message, with
+server paths cut out (`security.client_message`; the log keeps the full text), and the server keeps
+running. Every request is checked against `limits.Limits` here, so the API gets the page's caps too;
+control files named by a client are opened only through `security.ControlFiles`.
 
-One `ModelHolder` serves every visitor. The pipeline's state (active adapter, active factors,
-fused weights) is shared, so each call sets the state it needs under one lock; the Gradio queue
-additionally runs the pipeline events one at a time.
+A request names the adapters it wants, as the page's per-adapter controls or the API's JSON:
+
+    {"landmarks": {"k": 2.5, "control_scale": 1.0, "control": <image>},
+     "segmentation": {"k": 3, "control": <image>},
+     "subject": {"on": false}}
+
+Adapters listed and on (the default) apply, composed in the listed order (R = R_first R_second ...);
+the rest are off; {} is the base model. "k" (default m) is a real number in 0..m, "control_scale"
+(default 1, control adapters only) 0..2, and each on control adapter needs its own "control" image
+unless its scale is 0. An image for an adapter that is off, or that has no control head, is refused.
+
+One `ModelHolder` serves every visitor. The adapters themselves (rotations, control heads, which
+are active, k) live in the pipeline's registry; the pipeline is shared, so each call sets the
+state it needs under one lock, and the Gradio queue runs the pipeline events one at a time.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import io
+import json
 import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import gradio as gr
-import numpy as np
 import PIL.Image
-import PIL.ImageOps
 import torch
 
-from boft_diffusion.control import ControlHead
-from boft_diffusion.data import make_sample
 from boft_diffusion import tiny
-from boft_diffusion.unet import parameter_count
+from boft_diffusion.unet import base_parameter_count, parameter_count
 from pipelines import BOFTPipeline, interpolation_grid
 
+from .controls import open_control_image
 from .limits import Cancelled, Limits
 from .security import ControlFiles, client_message
 
@@ -44,12 +51,12 @@ logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_ADAPTER = Path("outputs") / "demo" / "adapter"
-CONTROL_KINDS = ("landmarks", "segmentation")
 NO_ADAPTER_HELP = (
-    "No adapter loaded, so this is the base model and the slider has nothing to switch. "
+    "No adapter loaded, so this is the base model and there are no factors to switch. "
     "Train the demo adapter with `make demo` (writes `outputs/demo/adapter` on CPU), then restart; "
     "or start with `python -m app --adapter FOLDER`, or load a folder below."
 )
+SETTING_KEYS = ("on", "k", "control_scale", "control")
 SMALL_UNET = 20_000_000  # parameters
 # Errors a user can cause; anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, PIL.UnidentifiedImageError)
@@ -119,125 +126,68 @@ def parse_adapter_spec(spec: str, taken: Sequence[str] = ()) -> tuple[str, str]:
     return name, path
 
 
-def open_control_image(value, files: ControlFiles) -> PIL.Image.Image | None:
-    """A control input as Gradio hands it over -> RGB PIL image (None when empty).
-
-    Takes a PIL image, an (H, W[, C]) uint8 array, a file path, or Gradio's raw file payload
-    (a dict with "path" or a data: "url"). Paths are the client's word, so they are read through
-    `files` (allowed folders, regular files, size cap); the pixel size is checked from the header
-    before decoding. A file that is not an image raises a ValueError that says so.
-    """
-    limits = files.limits
-    if value is None:
-        return None
-    if isinstance(value, np.ndarray):
-        value = PIL.Image.fromarray(value.astype(np.uint8))
-    if isinstance(value, PIL.Image.Image):
-        limits.check_image_size(*value.size)
-        return value.convert("RGB")
-    name = None
-    if isinstance(value, dict):
-        name = value.get("orig_name")
-        url = value.get("url") or ""
-        if value.get("path"):
-            value = value["path"]
-        elif url.startswith("data:"):
-            encoded = url.split(",", 1)[-1]
-            if len(encoded) * 3 // 4 > limits.max_upload_bytes:
-                raise ValueError(files.too_big(len(encoded) * 3 // 4))
-            value = base64.b64decode(encoded)
-        else:
-            return None
-    if not isinstance(value, bytes):
-        name = name or (os.path.basename(value) if isinstance(value, (str, os.PathLike)) else None)
-        value = files.read(value)
-    not_an_image = f"The control image {name or 'the upload'!r} is not an image (PNG, JPEG, WebP, ...) that PIL can read."
-    try:
-        image = PIL.Image.open(io.BytesIO(value))  # reads the header only
-    except PIL.Image.DecompressionBombError as err:
-        raise ValueError(f"The control image has too many pixels for this server "
-                         f"(at most {limits.max_image_size} px a side, --max_image_size).") from err
-    except (OSError, SyntaxError, ValueError) as err:  # UnidentifiedImageError is an OSError
-        raise ValueError(not_an_image) from err
-    with image:
-        limits.check_image_size(*image.size)
-        try:
-            image.load()
-            return PIL.ImageOps.exif_transpose(image).convert("RGB")
-        except (OSError, SyntaxError, ValueError) as err:  # truncated or corrupt data
-            raise ValueError(not_an_image) from err
-
-
-def synthetic_control(kind: str = "landmarks", seed: int = 0, size: int = 32) -> tuple[PIL.Image.Image, str]:
-    """(control image, its caption) drawn by the synthetic generator the trainers use."""
-    if kind not in CONTROL_KINDS:
-        raise gr.Error(f"Control kind must be one of {CONTROL_KINDS}, got {kind!r}.")
-    row = make_sample(kind, int(seed), 0, size=size)
-    return row["conditioning_image"], row["text"]
-
-
-def write_examples(folder: str | os.PathLike, kind: str = "landmarks", n: int = 6, size: int = 32) -> list[list[str]]:
-    """PNG control images + captions for the page's example gallery: [[path, caption], ...]."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    examples = []
-    for seed in range(n):
-        image, caption = synthetic_control(kind, seed, size)
-        path = folder / f"{kind}_{size}_{seed}.png"
-        if not path.is_file():  # written atomically: several app processes may share the folder
-            partial = folder / f".{path.name}.{os.getpid()}.tmp"
-            image.save(partial, format="PNG")
-            os.replace(partial, path)
-        examples.append([str(path), caption])
-    return examples
-
-
-@dataclass
+@dataclass(frozen=True)
 class Adapter:
-    """One loaded adapter and what the page shows about it."""
+    """What the page shows about a loaded adapter, read from the registry when it loaded. The adapter
+    itself (rotations, control head, k) lives in the pipeline's registry."""
 
     name: str
     path: str
-    block_size: int | None
-    block_num: int | None
+    layout: str  # "block size 8" or "4 blocks per factor"
     factors: int
-    targets: list[str]
+    targets: tuple[str, ...]
     parameters: int
     projections: int
-    head: ControlHead | None
+    head_parameters: int  # 0 without a control head
 
     @property
-    def head_parameters(self) -> int:
-        return sum(p.numel() for p in self.head.parameters()) if self.head is not None else 0
+    def has_head(self) -> bool:
+        return self.head_parameters > 0
+
+
+@dataclass
+class Setting:
+    """One switched-on adapter of a request: its k, control scale (None: no control head) and control image."""
+
+    name: str
+    factors: int
+    k: float
+    control_scale: float | None
+    control: Any = None
+
+    def describe(self) -> str:
+        scale = f", control scale {self.control_scale:g}" if self.control_scale is not None else ""
+        return f"`{self.name}` {self.k:g} of {self.factors} butterfly factors active{scale}"
 
 
 @dataclass
 class Generation:
-    """What one call made: the image (or strip) and how long its parts took."""
+    """What one call made: the image (or strip), with which adapters, and how long its parts took."""
 
     image: PIL.Image.Image
-    adapter: str | None
-    k: int
-    factors: int
+    settings: list[Setting]
     seed: int
     steps: int
     refuse_ms: float
     seconds: float
-    ks: list[int] | None = None  # a strip's columns
+    sweep: str | None = None  # a strip's swept adapter
+    ks: list[float] = field(default_factory=list)  # and its columns
+
+    def adapters(self) -> str:
+        if not self.settings:
+            return "Base model (no adapter on)"
+        return "Adapters " + "; ".join(s.describe() for s in self.settings)
 
     def status(self) -> str:
-        sampled = f"seed {self.seed}, {self.steps} steps, sampled in {self.seconds:.2f} s"
-        if self.adapter is None:
-            return f"Base model (no adapter): {sampled}."
-        return (f"Adapter `{self.adapter}`: {self.k} of {self.factors} butterfly factors active; "
-                f"weights re-fused in {self.refuse_ms:.1f} ms; {sampled}.")
+        return (f"{self.adapters()}. Weights re-fused in {self.refuse_ms:.1f} ms; seed {self.seed}, "
+                f"{self.steps} steps, sampled in {self.seconds:.2f} s.")
 
 
 Progress = Callable[[int, int], None]  # (steps done, steps in all)
 
 
 class ModelHolder:
-    """Loads a `BOFTPipeline` once with its adapters; generates with k active factors.
+    """Loads a `BOFTPipeline` once with its adapters; generates with any of them on, each at its own k.
 
     model: a diffusers Stable Diffusion folder or hub id (default: the embedded tiny model).
     adapters: adapter folders ("NAME=FOLDER" to name one). One that fails to load (another
@@ -256,8 +206,7 @@ class ModelHolder:
             self.model, dtype=self.dtype, safety_checker=None, requires_safety_checker=False
         ).to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
-        self.adapters: dict[str, Adapter] = {}
-        self.active: str | None = None
+        self.loaded: dict[str, Adapter] = {}  # in load order: the page's slots and the default composition
         self.load_errors: list[str] = []
         self.lock = threading.RLock()
         for spec in adapters:
@@ -269,99 +218,123 @@ class ModelHolder:
 
     def is_small(self) -> bool:
         """A toy-sized UNet (the embedded one has 1.5M parameters): one CPU thread samples it fastest."""
-        return sum(p.numel() for p in self.pipe.unet.parameters()) < SMALL_UNET
+        return base_parameter_count(self.pipe.unet) < SMALL_UNET
 
     @property
     def image_size(self) -> int:
         return self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
 
+    def names(self) -> list[str]:
+        """The loaded adapters, in load order."""
+        return list(self.loaded)
+
     # ------------------------------------------------------------------ adapters
     def load_adapter(self, spec: str) -> str:
-        """Load an adapter folder ("NAME=FOLDER" or "FOLDER"), make it the active one, return its name."""
+        """Load an adapter folder ("NAME=FOLDER" or "FOLDER") into the pipeline's registry; returns its name
+        (the name it already has when that folder is loaded)."""
         with user_errors("Adapter not loaded: "), self.lock:
-            name, path = parse_adapter_spec(str(spec), tuple(self.adapters))
+            name, path = parse_adapter_spec(str(spec), self.names())
             if not Path(path).is_dir():
                 raise FileNotFoundError(f"No adapter folder at {path}.")
-            loaded = next((a.name for a in self.adapters.values() if Path(a.path).resolve() == Path(path).resolve()), None)
-            if loaded is not None:  # the same folder again: switch to it instead of holding a copy
-                self._activate(loaded)
-                return loaded
-            if len(self.adapters) >= self.limits.max_adapters:
+            same = next((a.name for a in self.loaded.values() if Path(a.path).resolve() == Path(path).resolve()), None)
+            if same is not None:  # the same folder again: one copy is enough
+                return same
+            if len(self.loaded) >= self.limits.max_adapters:
                 raise ValueError(f"This server holds at most {self.limits.max_adapters} adapters (--max_adapters); "
-                                 f"{', '.join(self.adapters)} are loaded.")
-            before = self.pipe.control_head
-            self.pipe.register_modules(control_head=None)  # so the head loaded now is this adapter's own
-            try:
-                config = self.pipe.load_boft(path, adapter_name=name)
-            finally:
-                head = self.pipe.control_head
-                self.pipe.register_modules(control_head=before)
+                                 f"{', '.join(self.loaded)} are loaded.")
+            config = self.pipe.load_boft(path, adapter_name=name)
+            head = self.pipe.get_boft_adapter(name).control_head
             total, per_layer = parameter_count(self.pipe.unet, name)
-            self.adapters[name] = Adapter(
-                name=name, path=str(path), block_size=config.block_size, block_num=config.block_num,
-                factors=config.n_butterfly_factors, targets=list(config.target_modules), parameters=total,
-                projections=len(per_layer), head=head,
+            self.loaded[name] = Adapter(
+                name=name, path=str(path), factors=config.n_butterfly_factors, targets=tuple(config.target_modules),
+                layout=f"block size {config.block_size}" if config.block_size else f"{config.block_num} blocks per factor",
+                parameters=total, projections=len(per_layer),
+                head_parameters=sum(p.numel() for p in head.parameters()) if head is not None else 0,
             )
-            self._activate(name, force=True)  # load_boft leaves every installed adapter active
             logger.info("Loaded adapter %r from %s.", name, path)
             return name
 
-    def _activate(self, name: str | None, force: bool = False) -> None:
-        """Make one adapter (or none: the base model) the one that samples, with its own control head."""
-        if name is not None and name not in self.adapters:
-            raise ValueError(f"No adapter named {name!r}; loaded: {sorted(self.adapters)}.")
-        if self.adapters and (force or name != self.active):
-            self.pipe.set_adapters([name] if name is not None else [])
-        self.pipe.register_modules(control_head=self.adapters[name].head if name is not None else None)
-        self.active = name
+    def settings(self, adapters) -> list[Setting]:
+        """A request's adapters (the JSON of the module docstring; None: every loaded adapter on at k = m)
+        -> the switched-on ones in order, each value checked and its control image opened (ValueError)."""
+        loaded = dict(self.loaded)
+        if adapters is None:
+            adapters = {name: {} for name in loaded}
+        if isinstance(adapters, str):
+            try:
+                adapters = json.loads(adapters) if adapters.strip() else {}
+            except ValueError:
+                raise ValueError("Adapters must be a JSON object {adapter name: settings}, got text that is "
+                                 "not JSON.") from None
+        if not isinstance(adapters, dict):
+            raise ValueError(f"Adapters must be an object {{adapter name: {{\"k\": ..., \"control\": ...}}}}, "
+                             f"got {type(adapters).__name__}.")
+        settings = []
+        for name, values in adapters.items():
+            if name not in loaded:
+                raise ValueError(f"No adapter named {name!r} is loaded; loaded: {list(loaded)}.")
+            values = {} if values is None else values
+            if not isinstance(values, dict):
+                raise ValueError(f"Adapter {name!r}: settings must be an object with keys {list(SETTING_KEYS)}, "
+                                 f"got {type(values).__name__}.")
+            unknown = sorted(map(str, set(values) - set(SETTING_KEYS)))
+            if unknown:
+                raise ValueError(f"Adapter {name!r}: unknown settings {unknown}; known: {list(SETTING_KEYS)}.")
+            on = values.get("on", True)
+            if not isinstance(on, bool):
+                raise ValueError(f"Adapter {name!r}: \"on\" must be true or false, got {on!r}.")
+            sent_control = values.get("control") is not None
+            if not on:
+                if sent_control:
+                    raise ValueError(f"Adapter {name!r} is off but was sent a control image: switch it on "
+                                     "or drop its image.")
+                continue
+            adapter = loaded[name]
+            k = self.limits.check_factors(values.get("k", adapter.factors), adapter.factors, name)
+            if not adapter.has_head:
+                if sent_control or "control_scale" in values:
+                    raise ValueError(f"Adapter {name!r} has no control head, so it takes no control image or "
+                                     "control scale; drop them.")
+                settings.append(Setting(name, adapter.factors, k, None))
+                continue
+            scale = self.limits.check_control_scale(values.get("control_scale", 1.0), name)
+            control = open_control_image(values.get("control"), self.control_files)
+            if control is None and scale != 0:
+                raise ValueError(f"Adapter {name!r} was trained with a control image: upload one, draw one with "
+                                 "'Draw control images', or set its control scale to 0 to generate without it.")
+            settings.append(Setting(name, adapter.factors, k, scale, control))
+        return settings
 
-    def default_adapter(self) -> str | None:
-        return self.active if self.active is not None else next(iter(self.adapters), None)
+    def _apply(self, settings: list[Setting]) -> float:
+        """Set the pipeline's active adapters and their k as `settings` say; returns the re-fuse time in ms
+        (0 when nothing changed: every change re-fuses the merged weights)."""
+        names = [s.name for s in settings]
+        started = time.perf_counter()
+        changed = False
+        if self.pipe.get_active_adapters() != names:
+            self.pipe.set_adapters(names)
+            changed = True
+        for s in settings:
+            if self.pipe.get_boft_adapter(s.name).active_factors != s.k:
+                self.pipe.set_active_factors(s.k, adapter_name=s.name)  # re-fuses from the kept base weights
+                changed = True
+        return (time.perf_counter() - started) * 1000 if changed else 0.0
 
-    def factors(self, adapter: str | None = None) -> int:
-        """m of an adapter (0 with no adapter: the slider's maximum)."""
-        name = adapter or self.default_adapter()
-        return self.adapters[name].factors if name in self.adapters else 0
-
-    def set_k(self, k: int | None, adapter: str | None = None) -> float:
-        """Activate `adapter` with factors 0..k-1 (all when k is None); returns the re-fuse time in ms."""
-        with user_errors(), self.lock:
-            name = adapter or self.default_adapter()
-            self._activate(name)
-            if name is None:
-                return 0.0
-            m = self.adapters[name].factors
-            k = m if k is None else int(k)
-            if not 0 <= k <= m:
-                raise ValueError(f"Active butterfly factors must be in 0..{m} for adapter {name!r}, got {k}.")
-            wanted = [i < k for i in range(m)]
-            if self.pipe.active_factors(name) == wanted:
-                return 0.0
-            started = time.perf_counter()
-            self.pipe.set_active_factors(k, adapter_name=name)  # re-fuses from the kept base weights when fused
-            return (time.perf_counter() - started) * 1000
+    @staticmethod
+    def _control_kwargs(settings: list[Setting]) -> dict:
+        """control_image {adapter: image} and control_scale {adapter: scale} of the control adapters."""
+        images = {s.name: s.control for s in settings if s.control is not None}
+        return dict(control_image=images or None,
+                    control_scale={s.name: s.control_scale for s in settings if s.control_scale is not None})
 
     # ------------------------------------------------------------------ sampling
-    def _control_for(self, name: str | None, image: PIL.Image.Image | None) -> PIL.Image.Image | None:
-        head = self.adapters[name].head if name is not None else None
-        if head is None:
-            return None  # the base model and head-less adapters take no control image
-        if image is None:
-            raise gr.Error(
-                f"Adapter {name!r} was trained with a control image: upload one, draw one with "
-                "'Draw a control image', or pick an example.", print_exception=False,
-            )
-        return image
-
-    def _check_request(self, prompt, negative_prompt, seed, steps, guidance, adapter, control):
-        """The request's values within this server's limits, and its control image opened (outside the lock,
-        so a slow or hostile upload never holds the pipeline): (prompt, negative, seed, steps, guidance, image)."""
+    def _check_request(self, prompt, negative_prompt, seed, steps, guidance, adapters):
+        """The request's values within this server's limits and its control images opened (outside the lock,
+        so a slow or hostile upload never holds the pipeline): (prompt, negative, seed, steps, guidance, settings)."""
         limits = self.limits
-        if adapter is not None and not isinstance(adapter, str):
-            raise ValueError(f"Adapter must be a name, got {type(adapter).__name__}.")
         return (limits.check_prompt(prompt), limits.check_prompt(negative_prompt, "Negative prompt"),
                 limits.check_seed(seed), limits.check_steps(steps), limits.check_guidance(guidance),
-                open_control_image(control, self.control_files))
+                self.settings(adapters))
 
     @staticmethod
     def _call_kwargs(negative_prompt, steps, guidance, progress: Progress | None, should_stop: Callable[[], bool] | None,
@@ -385,70 +358,78 @@ class ModelHolder:
             kwargs["callback_on_step_end"] = on_step
         return kwargs
 
-    def generate(self, prompt: str, control=None, negative_prompt: str = "", seed: int = 0, steps: int = 20,
-                 guidance: float = 7.5, k: int | None = None, adapter: str | None = None,
-                 progress: Progress | None = None, should_stop: Callable[[], bool] | None = None) -> Generation:
-        """One image from `seed` with k active butterfly factors of `adapter` (default: all, active adapter).
+    def generate(self, prompt: str, adapters=None, negative_prompt: str = "", seed: int = 0, steps: int = 20,
+                 guidance: float = 7.5, progress: Progress | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> Generation:
+        """One image from `seed` with the adapters of `adapters` on (module docstring; None: all at k = m).
 
         `should_stop` is polled after every step: True stops sampling with `Cancelled`."""
         with user_errors():
-            prompt, negative_prompt, seed, steps, guidance, image = self._check_request(
-                prompt, negative_prompt, seed, steps, guidance, adapter, control)
+            prompt, negative_prompt, seed, steps, guidance, settings = self._check_request(
+                prompt, negative_prompt, seed, steps, guidance, adapters)
         with user_errors(), self.lock:
-            name = adapter or self.default_adapter()
-            refuse_ms = self.set_k(k, name)
-            image = self._control_for(name, image)
+            refuse_ms = self._apply(settings)
             kwargs = self._call_kwargs(negative_prompt, steps, guidance, progress, should_stop)
             started = time.perf_counter()
-            out = self.pipe(prompt, control_image=image, generator=torch.Generator("cpu").manual_seed(seed), **kwargs)
-            k_now = sum(self.pipe.active_factors(name)) if name is not None else 0
-            return Generation(out.images[0], name, k_now, self.factors(name), seed, steps, refuse_ms,
-                              time.perf_counter() - started)
+            out = self.pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed), **self._control_kwargs(settings),
+                            **kwargs)
+            return Generation(out.images[0], settings, seed, steps, refuse_ms, time.perf_counter() - started)
 
-    def strip(self, prompt: str, control=None, negative_prompt: str = "", seed: int = 0, steps: int = 20,
-              guidance: float = 7.5, adapter: str | None = None, progress: Progress | None = None,
-              should_stop: Callable[[], bool] | None = None) -> Generation:
-        """The interpolation strip: [control,] k = m, m-1, ..., 0 side by side, all from the same seed
-        (at most `limits.max_strip_images` of them: then k spread evenly from m to 0)."""
+    def strip(self, prompt: str, adapters=None, negative_prompt: str = "", seed: int = 0, steps: int = 20,
+              guidance: float = 7.5, sweep: str | None = None, columns: int | None = None,
+              progress: Progress | None = None, should_stop: Callable[[], bool] | None = None) -> Generation:
+        """The interpolation strip: the control images, then adapter `sweep` (default: the first one on)
+        at k from m down to 0 in `columns` steps (default and cap `limits.max_strip_images`; fractional
+        k between whole ones), the other adapters as `adapters` says, all from the same seed."""
         with user_errors():
-            prompt, negative_prompt, seed, steps, guidance, image = self._check_request(
-                prompt, negative_prompt, seed, steps, guidance, adapter, control)
-        with user_errors(), self.lock:
-            name = adapter or self.default_adapter()
-            if name is None:
+            prompt, negative_prompt, seed, steps, guidance, settings = self._check_request(
+                prompt, negative_prompt, seed, steps, guidance, adapters)
+            if not self.loaded:
                 raise gr.Error(NO_ADAPTER_HELP, print_exception=False)
-            self.set_k(None, name)
-            image = self._control_for(name, image)
-            m = self.adapters[name].factors
-            ks = self.limits.strip_ks(m)
+            on = [s.name for s in settings]
+            if sweep in (None, ""):
+                if not on:
+                    raise ValueError("Switch an adapter on: the strip sweeps its k from m to 0.")
+                sweep = on[0]
+            elif sweep not in on:
+                raise ValueError(f"The strip sweeps adapter {sweep!r}, which is not on "
+                                 f"(on: {on}); switch it on or sweep another.")
+            ks = self.limits.strip_ks(self.loaded[sweep].factors, columns)
+        with user_errors(), self.lock:
+            self._apply(settings)
             kwargs = self._call_kwargs(negative_prompt, steps, guidance, progress, should_stop, calls=len(ks))
+            controls = self._control_kwargs(settings)
             started = time.perf_counter()
-            images = self.pipe.interpolate(prompt, image, ks=ks, adapter_name=name, seed=seed, **kwargs)
-            cells = ([image] if image is not None else []) + images
-            labels = (["control"] if image is not None else []) + [f"k={k}" for k in ks]
+            images = self.pipe.interpolate(prompt, controls.pop("control_image"), ks=ks, adapter_name=sweep, seed=seed,
+                                           **controls, **kwargs)
+            shown = [s for s in settings if s.control is not None]
+            cells = [s.control for s in shown] + images
+            labels = [s.name for s in shown] + [f"k={k:g}" for k in ks]
             cell = None if images[0].width >= 96 else 96  # upscale (nearest) small models' images for the page
             grid = interpolation_grid([cells], labels, cell_size=cell)
-            return Generation(grid, name, m, m, seed, steps, 0.0, time.perf_counter() - started, ks=ks)
+            return Generation(grid, settings, seed, steps, 0.0, time.perf_counter() - started, sweep=sweep, ks=ks)
 
     # ------------------------------------------------------------------ what the page shows
-    def info(self, adapter: str | None = None) -> str:
-        """Markdown: model, adapter layout (block size, factors, parameters), control head, kernel path."""
-        unet, size = self.pipe.unet, self.image_size
-        base = sum(p.numel() for n, p in unet.named_parameters() if ".processor." not in n)
-        lines = [f"**Model** `{shown_path(self.model)}`: {size}x{size} px, UNet {base:,} parameters, "
-                 f"{self.device.type} {str(self.dtype).replace('torch.', '')}"]
-        name = adapter or self.default_adapter()
-        if name is None:
-            lines.append(f"**Adapter** none. {NO_ADAPTER_HELP}")
+    def describe(self, name: str) -> str:
+        """One adapter's layout line: block size, factors, parameters, projections, control head."""
+        a = self.loaded[name]
+        head = (f"control head {a.head_parameters:,} parameters" if a.has_head
+                else "no control head (takes no control image)")
+        return (f"`{name}` ({shown_path(a.path)}): {a.layout}, {a.factors} butterfly factors, "
+                f"{a.parameters:,} trainable parameters in {a.projections} projections ({', '.join(a.targets)}); {head}")
+
+    def info(self) -> str:
+        """Markdown: model, each adapter's layout, kernel path, adapters that failed to load."""
+        size = self.image_size
+        lines = [f"**Model** `{shown_path(self.model)}`: {size}x{size} px, UNet "
+                 f"{base_parameter_count(self.pipe.unet):,} parameters, {self.device.type} "
+                 f"{str(self.dtype).replace('torch.', '')}"]
+        if not self.loaded:
+            lines.append(f"**Adapters** none. {NO_ADAPTER_HELP}")
         else:
-            a = self.adapters[name]
-            layout = f"block size {a.block_size}" if a.block_size else f"{a.block_num} blocks per factor"
-            head = (f"control head {a.head_parameters:,} parameters" if a.head is not None
-                    else "no control head (the control image is not used)")
-            lines.append(f"**Adapter** `{name}` ({shown_path(a.path)}): {layout}, {a.factors} butterfly factors, "
-                         f"{a.parameters:,} trainable parameters in {a.projections} projections "
-                         f"({', '.join(a.targets)}); {head}")
+            lines.append("**Adapters** (those on are composed in this order):\n\n"
+                         + "\n".join(f"- {self.describe(name)}" for name in self.loaded))
         lines.append(f"**Kernel path** {kernel_label(self.device, self.dtype)}; sampling uses fused weights, "
-                     "so moving the slider only re-fuses (milliseconds)")
+                     "so moving a slider only re-fuses (milliseconds)")
         lines += [f"**Not loaded** {error}" for error in self.load_errors]
         return "\n\n".join(lines)

@@ -32,10 +32,11 @@ class Limits:
     max_steps: int = 100  # denoising steps per image
     max_image_size: int = 2048  # control image width and height, pixels (a small PNG can decode to GBs)
     max_upload_mb: float = 10.0  # control image file size
-    max_strip_images: int = 9  # images in one interpolation strip: more factors are sampled at spread-out k
+    max_strip_images: int = 9  # images in one interpolation strip: k from m to 0 in at most this many steps
     max_adapters: int = 8  # adapters loaded at once
     max_prompt_chars: int = 2000  # the text encoder reads 77 tokens; longer prompts only cost tokenizing
     max_guidance: float = 50.0
+    max_control_scale: float = 2.0  # per control adapter; the page's slider goes as far
 
     def __post_init__(self):
         for field in ("max_steps", "max_image_size", "max_strip_images", "max_adapters", "max_prompt_chars"):
@@ -84,12 +85,27 @@ class Limits:
             raise ValueError(f"The control image is {width}x{height} px; this server takes at most "
                              f"{self.max_image_size} px a side (--max_image_size).")
 
-    def strip_ks(self, m: int) -> list[int]:
-        """k = m..0 for the strip; past `max_strip_images` columns, k spread evenly from m down to 0."""
-        if m + 1 <= self.max_strip_images:
-            return list(range(m, -1, -1))
-        n = self.max_strip_images
-        return sorted({round(m * i / (n - 1)) for i in range(n)}, reverse=True)
+    def check_factors(self, k, m: int, adapter: str) -> float:
+        """k active butterfly factors of an adapter with m: a real number in 0..m (fractions fade a factor in)."""
+        if isinstance(k, bool) or not isinstance(k, numbers.Real) or not (math.isfinite(k) and 0 <= k <= m):
+            raise ValueError(f"Adapter {adapter!r}: active butterfly factors k must be a number in 0..{m}, got {k!r}.")
+        return float(k)
+
+    def check_control_scale(self, scale, adapter: str) -> float:
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not (
+                math.isfinite(scale) and 0 <= scale <= self.max_control_scale):
+            raise ValueError(f"Adapter {adapter!r}: control scale must be a number in 0..{self.max_control_scale:g}, "
+                             f"got {scale!r}.")
+        return float(scale)
+
+    def strip_ks(self, m: int, columns=None) -> list[float]:
+        """k from m down to 0 in `columns` evenly spaced steps (default and cap: `max_strip_images`);
+        fractional where columns - 1 does not divide m (9 columns of m = 3: 3, 2.625, ..., 0)."""
+        n = self.max_strip_images if columns is None else _integer("Strip columns", columns)
+        if not 2 <= n <= self.max_strip_images:
+            raise ValueError(f"Strip columns must be in 2..{self.max_strip_images} on this server "
+                             f"(--max_strip_images), got {n}.")
+        return [round(m * (n - 1 - i) / (n - 1), 6) for i in range(n)]
 
 
 def _integer(what: str, value) -> int:

@@ -1,11 +1,13 @@
 """The Gradio app: its handlers called directly, then the served page driven through gradio_client.
 
-A random tiny SD (the embedded architecture) and a non-identity adapter with a control head, so
-that every butterfly factor, the head and the learned scale s change the image.
+A random tiny SD (the embedded architecture) and non-identity adapters with control heads, so
+that every butterfly factor, each head and the learned scale s change the image.
 """
 
 from __future__ import annotations
 
+import math
+import re
 import shutil
 import socket
 import uuid
@@ -20,7 +22,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from app.handlers import ModelHolder, kernel_label, open_control_image, parse_adapter_spec, synthetic_control
+from app.controls import open_control_image, synthetic_control
+from app.handlers import ModelHolder, kernel_label, parse_adapter_spec
 from app.limits import Limits
 from app.security import REFUSED_CONTROL, ControlFiles
 from boft_diffusion import BOFTConfig, add_boft, save_boft
@@ -30,18 +33,29 @@ from pipelines import BOFTPipeline
 
 M = 3  # butterfly factors of the test adapter (b = 8 fits the tiny UNet's widths 32 and 64)
 SAMPLING = dict(negative_prompt="", seed=7, steps=4, guidance=5.0)
+CONFIG = BOFTConfig(block_size=8, n_butterfly_factors=M)
 
 
-def make_adapter(sd_dir, folder, seed: int = 0):
-    """A saved non-identity adapter (random skew and s) with a control head whose output is not zero."""
+def make_adapter(sd_dir, folder, seed: int = 0, head: bool = True):
+    """A saved non-identity adapter (random skew and s), with a control head whose output is not zero."""
     pipe = BOFTPipeline.from_pretrained(sd_dir, safety_checker=None, requires_safety_checker=False)
-    add_boft(pipe.unet, BOFTConfig(block_size=8, n_butterfly_factors=M))
+    add_boft(pipe.unet, CONFIG)
     randomize_boft(pipe.unet, std=0.3, generator=torch.Generator().manual_seed(seed))
-    torch.manual_seed(seed)
-    head = ControlHead.for_unet(pipe.unet, pipe.vae_scale_factor)
-    torch.nn.init.normal_(head.conv_out.weight, std=0.05)
-    pipe.register_modules(control_head=head)
+    if head:
+        torch.manual_seed(seed)
+        control_head = ControlHead.for_unet(pipe.unet, pipe.vae_scale_factor)
+        for conv in control_head.modules():  # a trained head's output depends on its image, not only on biases
+            if isinstance(conv, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(conv.weight)
+                torch.nn.init.zeros_(conv.bias)
+        torch.nn.init.normal_(control_head.conv_out.weight, std=0.05)
+        pipe.attach_control_head(control_head)
     return pipe.save_boft(folder)
+
+
+def on(k=M, control=None, **more) -> dict:
+    """One adapter's settings in a request."""
+    return {"k": k, **({"control": control} if control is not None else {}), **more}
 
 
 def free_port() -> int:
@@ -59,8 +73,19 @@ def in_upload_folder(name: str) -> Path:
     return folder / name
 
 
+def refused(fn, *args, **kwargs) -> str:
+    """The message of the gr.Error that `fn(*args, **kwargs)` raises."""
+    with pytest.raises(gr.Error) as error:
+        fn(*args, **kwargs)
+    return error.value.message
+
+
 def pixels(image) -> np.ndarray:
-    return np.asarray(PIL.Image.open(image) if isinstance(image, str) else image, dtype=np.int16)
+    return np.asarray(PIL.Image.open(image) if isinstance(image, (str, Path)) else image, dtype=np.int16)
+
+
+def distance(a, b) -> float:
+    return float(np.abs(pixels(a) - pixels(b)).mean())
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +100,12 @@ def one_thread():
 @pytest.fixture(scope="module")
 def adapter_dir(tiny_sd_dir, tmp_path_factory):
     return make_adapter(tiny_sd_dir, tmp_path_factory.mktemp("demo", numbered=False) / "adapter")
+
+
+@pytest.fixture(scope="module")
+def seg_dir(tiny_sd_dir, tmp_path_factory):
+    """A second control adapter (another seed: other rotations, another head)."""
+    return make_adapter(tiny_sd_dir, tmp_path_factory.mktemp("seg") / "adapter", seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -96,22 +127,35 @@ def holder(tiny_sd_dir, adapter_dir, one_thread):
 
 
 @pytest.fixture(scope="module")
+def two(tiny_sd_dir, adapter_dir, seg_dir, one_thread):
+    """A holder with two control adapters, "landmarks" and "segmentation"."""
+    return ModelHolder(tiny_sd_dir, [f"landmarks={adapter_dir}", f"segmentation={seg_dir}"])
+
+
+@pytest.fixture(scope="module")
 def control():
     return synthetic_control("landmarks", seed=3)
 
 
 @pytest.fixture(scope="module")
+def seg_control():
+    return synthetic_control("segmentation", seed=3)[0]
+
+
+@pytest.fixture(scope="module")
 def reference_k0(tiny_sd_dir, adapter_dir, control, one_thread):
-    """k = 0 built by hand: the base model, the adapter's control head, and W <- diag(s) W per projection."""
+    """k = 0 built by hand: W <- diag(s) W per projection of the base model, then an identity adapter
+    that carries the adapter's control head."""
     pipe = BOFTPipeline.from_pretrained(tiny_sd_dir, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    pipe.register_modules(control_head=ControlHead.from_pretrained(adapter_dir / "control_head"))
     scales = {k[: -len(".boft_s")]: s for k, s in load_file(adapter_dir / "boft_weights.safetensors").items()
               if k.endswith(".boft_s")}
     assert scales and any((s - 1).abs().max() > 0.1 for s in scales.values())
     with torch.no_grad():
         for layer, s in scales.items():
             pipe.unet.get_submodule(layer).weight.mul_(s[:, None])
+    add_boft(pipe.unet, CONFIG)  # identity rotations, s = 1: only a home for the head
+    pipe.attach_control_head(ControlHead.from_pretrained(adapter_dir / "control_head"))
     image, prompt = control
     generator = torch.Generator("cpu").manual_seed(SAMPLING["seed"])
     return pipe(prompt, control_image=image, num_inference_steps=SAMPLING["steps"],
@@ -124,36 +168,116 @@ def reference_k0(tiny_sd_dir, adapter_dir, control, one_thread):
 def test_slider_ends_differ_and_k0_is_base_plus_head_and_scale(holder, control, reference_k0):
     image, prompt = control
     progress = []
-    full = holder.generate(prompt, image, k=M, progress=lambda done, total: progress.append((done, total)), **SAMPLING)
-    zero = holder.generate(prompt, image, k=0, **SAMPLING)
-    again = holder.generate(prompt, image, k=M, **SAMPLING)
+    full = holder.generate(prompt, {"demo": on(M, image)}, progress=lambda done, total: progress.append((done, total)),
+                           **SAMPLING)
+    zero = holder.generate(prompt, {"demo": on(0, image)}, **SAMPLING)
+    again = holder.generate(prompt, {"demo": on(M, image)}, **SAMPLING)
     assert progress == [(i, SAMPLING["steps"]) for i in range(1, SAMPLING["steps"] + 1)]
-    assert (full.k, zero.k, full.factors) == (M, 0, M)
-    assert np.abs(pixels(full.image) - pixels(zero.image)).mean() > 2, "k = m and k = 0 should differ"
+    assert [(s.name, s.k, s.factors) for s in full.settings + zero.settings] == [("demo", M, M), ("demo", 0, M)]
+    assert distance(full.image, zero.image) > 2, "k = m and k = 0 should differ"
     assert np.array_equal(pixels(full.image), pixels(again.image)), "re-fusing must restore k = m exactly"
     assert np.abs(pixels(zero.image) - pixels(reference_k0)).max() <= 1
-    assert "3 of 3 butterfly factors active" in full.status() and "re-fused in" in zero.status()
+    assert "`demo` 3 of 3 butterfly factors active, control scale 1" in full.status() and "re-fused in" in zero.status()
 
 
-def test_strip_is_k_m_to_0_with_one_seed(holder, control):
+def test_fractional_k_lies_between_its_neighbours(holder, control):
+    image, prompt = control
+    at = {k: holder.generate(prompt, {"demo": on(k, image)}, **SAMPLING) for k in (1, 1.5, 2, 2.0)}
+    assert "`demo` 1.5 of 3 butterfly factors active" in at[1.5].status()
+    assert np.array_equal(pixels(at[2].image), pixels(at[2.0].image))
+    ends = distance(at[1].image, at[2].image)
+    assert 0 < distance(at[1].image, at[1.5].image) < ends and 0 < distance(at[1.5].image, at[2].image) < ends
+
+
+def test_strip_sweeps_fractional_k_from_m_to_0_with_one_seed(holder, control):
     image, prompt = control
     calls = []
-    strip = holder.strip(prompt, image, progress=lambda done, total: calls.append((done, total)), **SAMPLING)
-    assert holder.pipe.active_factors() == [True] * M, "the strip restores the active factors"
-    singles = [holder.generate(prompt, image, k=k, **SAMPLING).image for k in range(M, -1, -1)]
+    strip = holder.strip(prompt, {"demo": on(1.2, image)}, progress=lambda done, total: calls.append((done, total)),
+                         **SAMPLING)
+    ks = [3, 2.625, 2.25, 1.875, 1.5, 1.125, 0.75, 0.375, 0]  # 9 columns (--max_strip_images)
+    assert strip.ks == ks and strip.sweep == "demo"
+    assert holder.pipe.get_boft_adapter("demo").active_factors == 1.2, "the strip restores the request's k"
+    singles = [holder.generate(prompt, {"demo": on(k, image)}, **SAMPLING).image for k in ks]
     cell, pad, top = 96, 2, 12  # interpolation_grid's layout: labels on top, [control, k=m..0]
-    assert strip.image.size == ((M + 2) * (cell + pad) + pad, top + cell + 2 * pad)
+    assert strip.image.size == ((len(ks) + 1) * (cell + pad) + pad, top + cell + 2 * pad)
     for column, single in enumerate(singles, start=1):
         x = pad + column * (cell + pad)
         shown = strip.image.crop((x, top + pad, x + cell, top + pad + cell)).resize(single.size, PIL.Image.NEAREST)
-        assert np.abs(pixels(shown) - pixels(single)).max() <= 1, f"column k={M - column + 1}"
-    assert calls[-1] == ((M + 1) * SAMPLING["steps"],) * 2
+        assert np.abs(pixels(shown) - pixels(single)).max() <= 1, f"column k={ks[column - 1]}"
+    assert calls[-1] == (len(ks) * SAMPLING["steps"],) * 2
+    four = holder.strip(prompt, {"demo": on(M, image)}, columns=4, **SAMPLING)
+    assert four.ks == [3, 2, 1, 0]
+    with pytest.raises(gr.Error, match=r"Strip columns must be in 2\.\.9 on this server \(--max_strip_images\), got 10"):
+        holder.strip(prompt, {"demo": on(M, image)}, columns=10, **SAMPLING)
+    with pytest.raises(gr.Error, match="sweeps adapter 'demo', which is not on"):
+        holder.strip(prompt, {"demo": {"on": False}}, sweep="demo", **SAMPLING)
+
+
+def test_two_control_adapters_each_with_its_own_image_and_scale(two, tiny_sd_dir, adapter_dir, seg_dir, control,
+                                                                seg_control):
+    image, prompt = control
+    both = two.generate(prompt, {"landmarks": on(2.5, image), "segmentation": on(M, seg_control, control_scale=0.5)},
+                        **SAMPLING)
+    assert ("`landmarks` 2.5 of 3 butterfly factors active, control scale 1; "
+            "`segmentation` 3 of 3 butterfly factors active, control scale 0.5") in both.status()
+    # The same request straight to a pipeline that loaded both: each head got its own image and scale.
+    pipe = BOFTPipeline.from_pretrained(tiny_sd_dir, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_boft(adapter_dir, adapter_name="landmarks")
+    pipe.load_boft(seg_dir, adapter_name="segmentation")
+    pipe.set_active_factors(2.5, adapter_name="landmarks")
+    direct = pipe(prompt, control_image={"landmarks": image, "segmentation": seg_control},
+                  control_scale={"landmarks": 1.0, "segmentation": 0.5}, num_inference_steps=SAMPLING["steps"],
+                  guidance_scale=SAMPLING["guidance"], generator=torch.Generator().manual_seed(SAMPLING["seed"])).images[0]
+    assert np.array_equal(pixels(both.image), pixels(direct))
+    swapped = two.generate(prompt, {"landmarks": on(2.5, seg_control), "segmentation": on(M, image, control_scale=0.5)},
+                           **SAMPLING)
+    alone = two.generate(prompt, {"landmarks": on(2.5, image), "segmentation": {"on": False}}, **SAMPLING)
+    assert distance(both.image, swapped.image) > 0.5 and distance(both.image, alone.image) > 0.5
+    assert "segmentation" not in alone.status() and two.pipe.get_active_adapters() == ["landmarks"]
+    # A control adapter at scale 0 needs no image; the base model needs none at all.
+    unscaled = two.generate(prompt, {"landmarks": on(2.5, image), "segmentation": on(M, control_scale=0)}, **SAMPLING)
+    assert distance(unscaled.image, both.image) > 0.5
+    base = two.generate(prompt, {}, **SAMPLING)
+    assert base.status().startswith("Base model (no adapter on)") and two.pipe.get_active_adapters() == []
+
+
+def test_bad_adapter_settings_are_refused_by_name(two, control, seg_control, tiny_sd_dir, tmp_path):
+    image, prompt = control
+    good = {"landmarks": on(M, image)}
+    cases = {
+        r"Adapter 'landmarks': active butterfly factors k must be a number in 0\.\.3, got 1000000000\.0": on(1e9, image),
+        r"must be a number in 0\.\.3, got nan": on(math.nan, image),
+        r"must be a number in 0\.\.3, got '2'": on("2", image),
+        r"must be a number in 0\.\.3, got True": on(True, image),
+        r"must be a number in 0\.\.3, got -0\.5": on(-0.5, image),
+        r"control scale must be a number in 0\.\.2, got 5": on(M, image, control_scale=5),
+        r"unknown settings \['K'\]; known: \['on', 'k', 'control_scale', 'control'\]": {"K": 2, "control": image},
+        r"\"on\" must be true or false, got 'yes'": on(M, image, on="yes"),
+        r"was trained with a control image: upload one": on(M),
+        r"settings must be an object": 2.5,
+    }
+    for message, settings in cases.items():
+        assert re.search(message, refused(two.generate, prompt, {"landmarks": settings}, **SAMPLING)), message
+    assert re.search(r"No adapter named 'subject' is loaded; loaded: \['landmarks', 'segmentation'\]",
+                     refused(two.generate, prompt, {**good, "subject": on()}, **SAMPLING))
+    assert "'segmentation' is off but was sent a control image: switch it on" in refused(
+        two.generate, prompt, {**good, "segmentation": {"on": False, "control": seg_control}}, **SAMPLING)
+    assert "Adapters must be an object" in refused(two.generate, prompt, ["landmarks"], **SAMPLING)
+    assert "not JSON" in refused(two.generate, prompt, "{landmarks", **SAMPLING)
+    text = two.generate(prompt, '{"segmentation": {"on": false}}', **SAMPLING)  # JSON text works too
+    assert text.status().startswith("Base model")
+    headless = make_adapter(tiny_sd_dir, tmp_path / "subject" / "adapter", seed=2, head=False)
+    holder = ModelHolder(tiny_sd_dir, [str(headless)])
+    assert "'subject' has no control head, so it takes no control image" in refused(
+        holder.generate, prompt, {"subject": on(M, image)}, **SAMPLING)
+    assert "`subject` 3 of 3 butterfly factors active." in holder.generate(prompt, {"subject": on()}, **SAMPLING).status()
 
 
 def test_info_shows_layout_parameters_head_and_kernel(holder):
     info = holder.info()
     assert "block size 8" in info and f"{M} butterfly factors" in info
-    total = sum(v.numel() for v in load_file(holder.adapters["demo"].path + "/boft_weights.safetensors").values())
+    total = sum(v.numel() for v in load_file(holder.loaded["demo"].path + "/boft_weights.safetensors").values())
     assert f"{total:,} trainable parameters" in info
     assert "control head" in info and kernel_label("cpu", torch.float32) in info and "pytorch" in info
 
@@ -174,34 +298,29 @@ def test_kernel_label_falls_back_when_the_kernels_package_is_missing(monkeypatch
 
 def test_bad_input_is_a_gradio_error_and_the_holder_keeps_working(holder, control, other_model_adapter, tmp_path):
     image, prompt = control
-    with pytest.raises(gr.Error, match="trained with a control image: upload one"):
-        holder.generate(prompt, None, **SAMPLING)
     notes = in_upload_folder("notes.txt")
     notes.write_text("not an image")
     with pytest.raises(gr.Error, match="'notes.txt' is not an image"):
-        holder.generate(prompt, {"path": str(notes), "orig_name": "notes.txt"}, **SAMPLING)
+        holder.generate(prompt, {"demo": on(M, {"path": str(notes), "orig_name": "notes.txt"})}, **SAMPLING)
     image.save(tmp_path / "c.png")
     with pytest.raises(gr.Error) as outside:  # a real image, but not one the client uploaded
-        holder.generate(prompt, {"path": str(tmp_path / "c.png")}, **SAMPLING)
+        holder.generate(prompt, {"demo": on(M, {"path": str(tmp_path / "c.png")})}, **SAMPLING)
     assert outside.value.message == REFUSED_CONTROL
     with pytest.raises(gr.Error, match=r"Adapter not loaded: .*another model|Adapter not loaded: .*does not fit"):
         holder.load_adapter(str(other_model_adapter))
     with pytest.raises(gr.Error, match="No adapter folder"):
         holder.load_adapter(str(tmp_path / "missing"))
-    with pytest.raises(gr.Error, match=r"must be in 0\.\.3"):
-        holder.generate(prompt, image, k=M + 1, **SAMPLING)
-    assert list(holder.adapters) == ["demo"] and holder.pipe.boft_adapters == ["demo"]
-    assert holder.generate(prompt, image, k=2, **SAMPLING).k == 2
+    assert holder.names() == ["demo"] and holder.pipe.boft_adapters == ["demo"]
+    assert holder.generate(prompt, {"demo": on(2, image)}, **SAMPLING).settings[0].k == 2
 
 
 def test_startup_with_a_bad_adapter_serves_and_says_why(tiny_sd_dir, other_model_adapter, one_thread):
     holder = ModelHolder(tiny_sd_dir, [str(other_model_adapter)])
-    assert holder.adapters == {} and len(holder.load_errors) == 1
+    assert holder.names() == [] and len(holder.load_errors) == 1
     info = holder.info()
     assert "**Not loaded** Adapter not loaded" in info and "make demo" in info
-    assert holder.factors() == 0
     out = holder.generate("a red square", None, **SAMPLING)  # the base model, no control needed
-    assert out.adapter is None and out.image.size == (32, 32)
+    assert out.settings == [] and out.image.size == (32, 32)
     with pytest.raises(gr.Error, match="make demo"):
         holder.strip("a red square", None, **SAMPLING)
 
@@ -209,12 +328,13 @@ def test_startup_with_a_bad_adapter_serves_and_says_why(tiny_sd_dir, other_model
 def test_second_adapter_brings_its_own_head(tiny_sd_dir, adapter_dir, tmp_path, control, one_thread):
     image, prompt = control
     holder = ModelHolder(tiny_sd_dir, [f"a={adapter_dir}"])
-    first = holder.generate(prompt, image, **SAMPLING)
+    first = holder.generate(prompt, {"a": on(M, image)}, **SAMPLING)
     folder = make_adapter(tiny_sd_dir, tmp_path / "b" / "adapter", seed=1)
-    assert holder.load_adapter(str(folder)) == "b"
-    second = holder.generate(prompt, image, adapter="b", **SAMPLING)
-    assert holder.pipe.control_head is holder.adapters["b"].head is not holder.adapters["a"].head
-    assert np.array_equal(pixels(holder.generate(prompt, image, adapter="a", **SAMPLING).image), pixels(first.image))
+    assert holder.load_adapter(str(folder)) == "b" and holder.load_adapter(str(folder)) == "b", "one copy per folder"
+    second = holder.generate(prompt, {"b": on(M, image)}, **SAMPLING)
+    heads = [holder.pipe.get_boft_adapter(name).control_head for name in ("a", "b")]
+    assert heads[0] is not None and heads[1] is not None and heads[0] is not heads[1]
+    assert np.array_equal(pixels(holder.generate(prompt, {"a": on(M, image)}, **SAMPLING).image), pixels(first.image))
     assert not np.array_equal(pixels(first.image), pixels(second.image))
 
 
@@ -224,6 +344,7 @@ def test_adapter_specs_and_control_inputs(tmp_path):
     assert parse_adapter_spec("/x/ctrl", taken=["ctrl"]) == ("ctrl-2", "/x/ctrl")
     image, caption = synthetic_control("landmarks", 0)
     assert image.size == (32, 32) and caption
+    assert synthetic_control("segmentation", 0)[1] == caption, "one seed, one scene for every kind"
     image.save(tmp_path / "c.png")
     files = ControlFiles(Limits())
     with pytest.raises(ValueError, match="the server opens no other file"):
@@ -248,13 +369,13 @@ def adapter_root(tmp_path_factory, adapter_dir, other_model_adapter):
 
 
 @pytest.fixture(scope="module")
-def served(holder, adapter_root, tmp_path_factory):
-    """The page on 127.0.0.1 (a free port) and a gradio_client connected to it."""
+def served(two, adapter_root, tmp_path_factory):
+    """The page of the two-adapter holder on 127.0.0.1 (a free port) and a gradio_client connected to it."""
     from gradio_client import Client
 
     from app.ui import build, launch
 
-    demo = build(holder, adapter_root)
+    demo = build(two, adapter_root)
     port = free_port()
     launch(demo, port=port, block=False, quiet=True)
     try:
@@ -267,47 +388,59 @@ def call(client, *args, api_name: str, timeout: float = 60):
     return client.submit(*args, api_name=api_name).result(timeout=timeout)
 
 
-def test_client_generates_and_slider_ends_differ(served, control, tmp_path, reference_k0):
+def test_client_generates_with_two_control_adapters(served, two, control, seg_control, tmp_path):
     from gradio_client import handle_file
 
     image, prompt = control
-    image.save(tmp_path / "control.png")
-    args = (prompt, "", handle_file(str(tmp_path / "control.png")), SAMPLING["seed"], SAMPLING["steps"], SAMPLING["guidance"])
-    full, status = call(served, *args, M, "demo", api_name="/generate")
-    zero, _ = call(served, *args, 0, "demo", api_name="/generate")
-    assert full.endswith(".png") and "3 of 3 butterfly factors active" in status
-    assert np.abs(pixels(full) - pixels(zero)).mean() > 2
-    assert np.abs(pixels(zero) - pixels(reference_k0)).max() <= 1
+    image.save(tmp_path / "landmarks.png")
+    seg_control.save(tmp_path / "segmentation.png")
+    rest = ("", SAMPLING["seed"], SAMPLING["steps"], SAMPLING["guidance"])
+
+    def request(k):
+        return {"landmarks": {"k": k, "control": handle_file(str(tmp_path / "landmarks.png"))},
+                "segmentation": {"k": M, "control_scale": 0.5, "control": handle_file(str(tmp_path / "segmentation.png"))}}
+
+    full, status = call(served, prompt, request(M), *rest, api_name="/generate")
+    half, _ = call(served, prompt, request(1.5), *rest, api_name="/generate")
+    assert full.endswith(".png") and "`segmentation` 3 of 3 butterfly factors active, control scale 0.5" in status
+    local = two.generate(prompt, {"landmarks": on(1.5, image), "segmentation": on(M, seg_control, control_scale=0.5)},
+                         **SAMPLING)
+    assert np.array_equal(pixels(half), pixels(local.image)), "the API gives what the holder gives"
+    assert distance(full, half) > 0.5
 
     # Two visitors at once with different k: the queue runs them one at a time, each gets its own k.
     with ThreadPoolExecutor(2) as pool:
-        jobs = [pool.submit(call, served, *args, k, "demo", api_name="/generate") for k in (M, 0)]
+        jobs = [pool.submit(call, served, prompt, request(k), *rest, api_name="/generate") for k in (M, 1.5)]
         both = [job.result()[0] for job in jobs]
-    assert np.array_equal(pixels(both[0]), pixels(full)) and np.array_equal(pixels(both[1]), pixels(zero))
+    assert np.array_equal(pixels(both[0]), pixels(full)) and np.array_equal(pixels(both[1]), pixels(half))
 
-    strip, status = call(served, *args, "demo", api_name="/strip")
-    assert PIL.Image.open(strip).width > 4 * 96 and "k = 3..0" in status
+    strip, status = call(served, prompt, request(M), *rest, "segmentation", 5, api_name="/strip")
+    assert PIL.Image.open(strip).width == (2 + 5) * (96 + 2) + 2, "two controls, then 5 columns"
+    assert "Strip of `segmentation` at k = 3, 2.25, 1.5, 0.75, 0 (5 columns" in status
     drawn, caption = call(served, "landmarks", 3, api_name="/draw_control")
     assert np.array_equal(pixels(drawn), pixels(image)) and caption == prompt
 
 
-def test_client_errors_show_and_the_app_keeps_serving(served, control, tmp_path, other_model_adapter):
+def test_client_errors_show_and_the_app_keeps_serving(served, control, tmp_path):
     from gradio_client import handle_file
     from gradio_client.exceptions import AppError
 
     image, prompt = control
     (tmp_path / "notes.txt").write_text("not an image")
     image.save(tmp_path / "control.png")
-    rest = (SAMPLING["seed"], SAMPLING["steps"], SAMPLING["guidance"], M, "demo")
+    rest = ("", SAMPLING["seed"], SAMPLING["steps"], SAMPLING["guidance"])
+    off = {"segmentation": {"on": False}}
     with pytest.raises(AppError, match="trained with a control image"):
-        call(served, prompt, "", None, *rest, api_name="/generate")
+        call(served, prompt, {"landmarks": {"k": M}, **off}, *rest, api_name="/generate")
     with pytest.raises(AppError, match="'notes.txt' is not an image"):
-        call(served, prompt, "", handle_file(str(tmp_path / "notes.txt")), *rest, api_name="/generate")
+        call(served, prompt, {"landmarks": {"control": handle_file(str(tmp_path / "notes.txt"))}, **off}, *rest,
+             api_name="/generate")
     with pytest.raises(AppError, match="Adapter not loaded") as other:
         call(served, "other/adapter", api_name="/load_adapter")
     assert "/tmp" not in str(other.value) and "pytest-of" not in str(other.value), "no server paths to clients"
-    out, status = call(served, prompt, "", handle_file(str(tmp_path / "control.png")), *rest, api_name="/generate")
-    assert PIL.Image.open(out).size == (32, 32) and "factors active" in status
+    out, status = call(served, prompt, {"landmarks": {"k": 2, "control": handle_file(str(tmp_path / "control.png"))}, **off},
+                       *rest, api_name="/generate")
+    assert PIL.Image.open(out).size == (32, 32) and "`landmarks` 2 of 3 butterfly factors active" in status
 
 
 # ---------------------------------------------------------------------------------------------- python -m app

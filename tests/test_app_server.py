@@ -7,6 +7,7 @@ work that goes on after the client left, raw errors with server paths, no auth b
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -21,10 +22,11 @@ import numpy as np
 import PIL.Image
 import pytest
 from test_app import (  # noqa: F401  (other_model_adapter, one_thread are fixtures)
-    M, SAMPLING, call, free_port, in_upload_folder, make_adapter, one_thread, other_model_adapter,
+    M, SAMPLING, call, free_port, in_upload_folder, make_adapter, one_thread, other_model_adapter, pixels,
 )
 
-from app.handlers import ModelHolder, synthetic_control
+from app.controls import synthetic_control
+from app.handlers import ModelHolder
 from app.limits import Limits
 from app.security import REFUSED_CONTROL, client_message, exposure_warning, parse_auth
 from app.ui import SERVER_ERROR, build, launch
@@ -98,13 +100,13 @@ def app_error(client, *args, api_name: str) -> str:
 
 def raw_call(url: str, client, api_name: str, data: list) -> dict:
     """One event over Gradio's HTTP queue API, bypassing gradio_client's uploads: the final message."""
-    import json
     import uuid
 
     fn_index = next(d["id"] for d in client.config["dependencies"] if d.get("api_name") == api_name)
     session = uuid.uuid4().hex
-    join = httpx.post(f"{url}gradio_api/queue/join", json={"data": data, "fn_index": fn_index, "session_hash": session,
-                                                           "event_data": None, "trigger_id": None}, timeout=30)
+    body = {"data": data, "fn_index": fn_index, "session_hash": session, "event_data": None, "trigger_id": None}
+    join = httpx.post(f"{url}gradio_api/queue/join", content=json.dumps(body), timeout=30,  # NaN stays NaN
+                      headers={"Content-Type": "application/json"})
     join.raise_for_status()
     with httpx.stream("GET", f"{url}gradio_api/queue/data", params={"session_hash": session}, timeout=60) as stream:
         for line in stream.iter_lines():
@@ -131,7 +133,12 @@ def pipeline_busy(holder) -> bool:
     return True
 
 
-REST = (SAMPLING["seed"], SAMPLING["steps"], SAMPLING["guidance"], M, "demo")
+REST = ("", SAMPLING["seed"], SAMPLING["steps"], SAMPLING["guidance"])  # negative prompt, seed, steps, guidance
+
+
+def demo(control, k=M, **more) -> dict:
+    """/generate's adapters value: the demo adapter at k with this control image."""
+    return {"demo": {"k": k, "control": control, **more}}
 
 
 # ---------------------------------------------------------------------------------------------- control files
@@ -148,14 +155,14 @@ def test_control_paths_not_uploaded_are_refused_alike(client, url, holder, tmp_p
              f"{link.parent}/../../{os.path.relpath(secret, '/')}"]
     messages = {}
     for path in named:
-        messages[path, "bare"] = app_error(client, "x", "", {"path": path}, *REST, api_name="/generate")
-        messages[path, "strip"] = app_error(client, "x", "", {"path": path}, 0, 1, 7.5, "demo", api_name="/strip")
+        messages[path, "bare"] = app_error(client, "x", demo({"path": path}), *REST, api_name="/generate")
+        messages[path, "string"] = app_error(client, "x", demo(path), *REST, api_name="/generate")
+        messages[path, "strip"] = app_error(client, "x", demo({"path": path}), "", 0, 1, 7.5, "demo", 2,
+                                            api_name="/strip")
     assert set(messages.values()) == {REFUSED_CONTROL}, messages
-    # A bare string is not an image payload: Gradio refuses it, with the same words for every path.
-    assert len({app_error(client, "x", "", path, *REST, api_name="/generate") for path in named}) == 1
     # Marked as Gradio's FileData (gradio_client would upload its own file; raw HTTP does not), Gradio itself
     # refuses paths outside its upload folder, in the same words for a file that exists and one that does not.
-    marked = [raw_call(url, client, "generate", ["x", "", {"path": path, **meta}, *REST])
+    marked = [raw_call(url, client, "generate", ["x", demo({"path": path, **meta}), *REST])
               for path in (str(secret), str(tmp_path / "missing.png"))]
     assert all(m["msg"] == "process_completed" and not m["success"] for m in marked), marked
     assert marked[0]["output"] == marked[1]["output"], marked
@@ -171,9 +178,9 @@ def test_fifo_is_refused_at_once_and_never_holds_the_pipeline(client, holder, co
     fifo = in_upload_folder("control.png")
     os.mkfifo(fifo)
     started = time.monotonic()
-    message = app_error(client, "x", "", {"path": str(fifo)}, *REST, api_name="/generate")
+    message = app_error(client, "x", demo({"path": str(fifo)}), *REST, api_name="/generate")
     assert message == REFUSED_CONTROL and time.monotonic() - started < 20
-    out, status = call(client, "x", "", handle_file(control_png), *REST, api_name="/generate")
+    out, status = call(client, "x", demo(handle_file(control_png)), *REST, api_name="/generate")
     assert "factors active" in status and not pipeline_busy(holder)
 
 
@@ -184,14 +191,14 @@ def test_upload_size_and_pixel_caps(client, url, tmp_path):
     PIL.Image.fromarray(noise).save(tmp_path / "bigger.png")
     assert (tmp_path / "bigger.png").stat().st_size > LIMITS.max_upload_bytes
     with pytest.raises(ValueError, match="exceeds the maximum file size"):  # the cap, as the server announces it
-        call(client, "x", "", handle_file(str(tmp_path / "bigger.png")), *REST, api_name="/generate")
+        call(client, "x", demo(handle_file(str(tmp_path / "bigger.png"))), *REST, api_name="/generate")
     upload = httpx.post(f"{url}gradio_api/upload", files={"files": ("bigger.png", (tmp_path / "bigger.png").read_bytes())})
     assert upload.status_code == 413, upload.text  # and Gradio's upload route holds it without the client's help
     placed = in_upload_folder("bigger.png")  # past Gradio's cap anyway (e.g. copied there): ours holds
     placed.write_bytes((tmp_path / "bigger.png").read_bytes())
-    assert "--max_upload_mb" in app_error(client, "x", "", {"path": str(placed)}, *REST, api_name="/generate")
+    assert "--max_upload_mb" in app_error(client, "x", demo({"path": str(placed)}), *REST, api_name="/generate")
     PIL.Image.new("RGB", (65, 8)).save(tmp_path / "wide.png")  # tiny file, over 64 px
-    message = app_error(client, "x", "", handle_file(str(tmp_path / "wide.png")), *REST, api_name="/generate")
+    message = app_error(client, "x", demo(handle_file(str(tmp_path / "wide.png"))), *REST, api_name="/generate")
     assert "65x8 px" in message and "--max_image_size" in message
 
 
@@ -223,18 +230,46 @@ def test_api_values_past_the_caps_are_refused(client, control_png):
         "Guidance must be a number in 0..50": (0, 2, 1e6),
     }
     for message, (seed, steps, guidance) in cases.items():
-        assert message in app_error(client, "x", "", control, seed, steps, guidance, M, "demo", api_name="/generate")
-    assert "at most 2000" in app_error(client, "x" * 2001, "", control, 0, 2, 7.5, M, "demo", api_name="/generate")
-    strip, status = call(client, "x", "", control, 0, 2, 7.5, "demo", api_name="/strip")
-    assert "k = 3, 0 (at most 2 images, --max_strip_images)" in status
+        assert message in app_error(client, "x", demo(control), "", seed, steps, guidance, api_name="/generate")
+    assert "at most 2000" in app_error(client, "x" * 2001, demo(control), "", 0, 2, 7.5, api_name="/generate")
+    strip, status = call(client, "x", demo(control), "", 0, 2, 7.5, "demo", None, api_name="/strip")
+    assert "k = 3, 0 (2 columns, at most 2: --max_strip_images)" in status
     assert PIL.Image.open(strip).width == 3 * (96 + 2) + 2  # control, k=3, k=0: 96 px cells
+    assert "Strip columns must be in 2..2 on this server (--max_strip_images), got 9" in app_error(
+        client, "x", demo(control), "", 0, 2, 7.5, "demo", 9, api_name="/strip")
+
+
+def test_api_adapter_settings_are_checked(client, url, control_png):
+    """The page's per-adapter widgets bound k and the control scale; the API's JSON gets the same checks."""
+    from gradio_client import handle_file
+
+    control = handle_file(control_png)
+    cases = {
+        "Adapter 'demo': active butterfly factors k must be a number in 0..3, got 1000000000.0": demo(control, k=1e9),
+        "must be a number in 0..3, got '2'": demo(control, k="2"),
+        "must be a number in 0..3, got None": demo(control, k=None),
+        "Adapter 'demo': control scale must be a number in 0..2, got 1e+100": demo(control, control_scale=1e100),
+        "Adapter 'demo' is off but was sent a control image: switch it on or drop its image": demo(control, on=False),
+        "No adapter named 'ghost' is loaded; loaded: ['demo']": {**demo(control), "ghost": {"k": 1}},
+        "Adapter 'demo': unknown settings ['steps']": demo(control, steps=10**9),
+        "Adapters must be an object": [demo(control)],
+    }
+    for message, adapters in cases.items():
+        assert message in app_error(client, "x", adapters, *REST, api_name="/generate"), message
+    # NaN is not JSON, but Python's json writes and reads it: a raw client can send it.
+    nan = raw_call(url, client, "generate", ["x", demo({"path": "x.png"}, k=float("nan")), *REST])
+    assert not nan["success"] and "must be a number in 0..3, got nan" in json.dumps(nan["output"]), nan
+    out, status = call(client, "x", demo(control, k=0.5), *REST, api_name="/generate")
+    assert "`demo` 0.5 of 3 butterfly factors active" in status
+    base, status = call(client, "x", {"demo": {"on": False}}, *REST, api_name="/generate")
+    assert status.startswith("Base model (no adapter on)") and np.abs(pixels(out) - pixels(base)).mean() > 1
 
 
 def test_cancelled_request_stops_sampling_and_frees_the_pipeline(client, holder, control_png, caplog):
     from gradio_client import handle_file
 
     caplog.set_level(logging.INFO, logger="app")
-    job = client.submit("x", "", handle_file(control_png), 0, SLOW_STEPS, 7.5, M, "demo", api_name="/generate")
+    job = client.submit("x", demo(handle_file(control_png)), "", 0, SLOW_STEPS, 7.5, api_name="/generate")
     wait_until(lambda: pipeline_busy(holder), 30, "sampling to start")
     time.sleep(0.3)
     job.cancel()
@@ -243,7 +278,7 @@ def test_cancelled_request_stops_sampling_and_frees_the_pipeline(client, holder,
     assert time.monotonic() - cancelled < 5
     stopped = [r.getMessage() for r in caplog.records if "Cancelled after" in r.getMessage()]
     assert stopped and f"of {SLOW_STEPS} denoising steps" in stopped[-1], stopped
-    out, status = call(client, "x", "", handle_file(control_png), *REST, api_name="/generate")
+    out, status = call(client, "x", demo(handle_file(control_png)), *REST, api_name="/generate")
     assert "factors active" in status
 
 
@@ -252,7 +287,8 @@ def test_client_that_dies_mid_request_stops_its_sampling(url, holder, control_pn
     script = textwrap.dedent(f"""
         from gradio_client import Client, handle_file
         client = Client({url!r}, verbose=False)
-        client.submit("x", "", handle_file({control_png!r}), 0, {SLOW_STEPS}, 7.5, {M}, "demo", api_name="/generate")
+        client.submit("x", {{"demo": {{"k": {M}, "control": handle_file({control_png!r})}}}}, "", 0, {SLOW_STEPS}, 7.5,
+                      api_name="/generate")
         import time; time.sleep(600)
     """)
     child = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -285,11 +321,12 @@ def test_adapters_load_only_by_listed_name(client, holder, adapter_root, adapter
     assert "pick one from the list" in next(iter(refused.values())) and ".bashrc" not in str(refused)
     other = app_error(client, "other/adapter", api_name="/load_adapter")
     assert other.startswith("Adapter not loaded: ") and str(adapter_root) not in other and "/tmp" not in other
-    call(client, "second/adapter", api_name="/load_adapter")
-    assert call(client, "second/adapter", api_name="/load_adapter")[0]["value"] == "second", "loading twice switches"
-    assert set(holder.adapters) == {"demo", "second"}
+    info = call(client, "second/adapter", api_name="/load_adapter")
+    assert "`second` (" in info and str(adapter_root) not in info
+    assert call(client, "second/adapter", api_name="/load_adapter") == info, "loading twice holds one copy"
+    assert holder.names() == ["demo", "second"]
     message = app_error(client, "runs/third/adapter", api_name="/load_adapter")
-    assert "at most 2 adapters (--max_adapters)" in message and set(holder.adapters) == {"demo", "second"}
+    assert "at most 2 adapters (--max_adapters)" in message and holder.names() == ["demo", "second"]
 
 
 def test_no_adapter_loading_has_no_loader(holder):
@@ -313,8 +350,8 @@ def test_unexpected_errors_reach_the_log_not_the_client(client, holder, control_
     def broken(*args, **kwargs):
         raise RuntimeError(f"cannot read {tmp_path}/weights.bin")
 
-    monkeypatch.setattr(holder, "set_k", broken)
-    message = app_error(client, "x", "", handle_file(control_png), *REST, api_name="/generate")
+    monkeypatch.setattr(holder, "_apply", broken)
+    message = app_error(client, "x", demo(handle_file(control_png)), *REST, api_name="/generate")
     assert message == SERVER_ERROR
     assert any(str(tmp_path) in (r.exc_text or "") for r in caplog.records), "the full error is in the server log"
 
@@ -369,6 +406,14 @@ def test_limits_take_whole_numbers_and_spread_strip_columns():
     for bad in (True, 2.5, "5", float("nan"), None):
         with pytest.raises(ValueError, match="Steps must be a whole number"):
             limits.check_steps(bad)
-    assert limits.strip_ks(3) == [3, 2, 1, 0] and limits.strip_ks(9) == [9, 6, 3, 0]
+    assert limits.strip_ks(3) == [3, 2, 1, 0] and limits.strip_ks(9) == [9, 6, 3, 0] and limits.strip_ks(3, 2) == [3, 0]
+    assert Limits().strip_ks(3) == [3, 2.625, 2.25, 1.875, 1.5, 1.125, 0.75, 0.375, 0], "fractional by default"
+    for bad in (1, 5, 2.5, "3"):
+        with pytest.raises(ValueError, match="Strip columns must be"):
+            limits.strip_ks(3, bad)
+    assert limits.check_factors(2, 3, "a") == 2.0 and limits.check_control_scale(0, "a") == 0.0
+    for bad in (True, "1", float("inf"), float("nan"), -1, 3.01, None):
+        with pytest.raises(ValueError, match=r"Adapter 'a': active butterfly factors k must be a number in 0\.\.3"):
+            limits.check_factors(bad, 3, "a")
     with pytest.raises(ValueError, match="--max_upload_mb must be a positive number"):
         Limits(max_upload_mb=float("nan"))
