@@ -168,7 +168,7 @@ class Generation:
     settings: list[Setting]
     seed: int
     steps: int
-    refuse_ms: float
+    refuse_ms: float | None  # None: the weights were already as asked
     seconds: float
     sweep: str | None = None  # a strip's swept adapter
     ks: list[float] = field(default_factory=list)  # and its columns
@@ -179,8 +179,9 @@ class Generation:
         return "Adapters " + "; ".join(s.describe() for s in self.settings)
 
     def status(self) -> str:
-        return (f"{self.adapters()}. Weights re-fused in {self.refuse_ms:.1f} ms; seed {self.seed}, "
-                f"{self.steps} steps, sampled in {self.seconds:.2f} s.")
+        fused = ("weights as before (no re-fuse)" if self.refuse_ms is None
+                 else f"weights re-fused in {self.refuse_ms:.1f} ms")
+        return f"{self.adapters()}; {fused}; seed {self.seed}, {self.steps} steps, sampled in {self.seconds:.2f} s."
 
 
 Progress = Callable[[int, int], None]  # (steps done, steps in all)
@@ -305,9 +306,9 @@ class ModelHolder:
             settings.append(Setting(name, adapter.factors, k, scale, control))
         return settings
 
-    def _apply(self, settings: list[Setting]) -> float:
+    def _apply(self, settings: list[Setting]) -> float | None:
         """Set the pipeline's active adapters and their k as `settings` say; returns the re-fuse time in ms
-        (0 when nothing changed: every change re-fuses the merged weights)."""
+        (None when nothing changed: every change re-fuses the merged weights)."""
         names = [s.name for s in settings]
         started = time.perf_counter()
         changed = False
@@ -318,7 +319,7 @@ class ModelHolder:
             if self.pipe.get_boft_adapter(s.name).active_factors != s.k:
                 self.pipe.set_active_factors(s.k, adapter_name=s.name)  # re-fuses from the kept base weights
                 changed = True
-        return (time.perf_counter() - started) * 1000 if changed else 0.0
+        return (time.perf_counter() - started) * 1000 if changed else None
 
     @staticmethod
     def _control_kwargs(settings: list[Setting]) -> dict:
@@ -407,7 +408,7 @@ class ModelHolder:
             labels = [s.name for s in shown] + [f"k={k:g}" for k in ks]
             cell = None if images[0].width >= 96 else 96  # upscale (nearest) small models' images for the page
             grid = interpolation_grid([cells], labels, cell_size=cell)
-            return Generation(grid, settings, seed, steps, 0.0, time.perf_counter() - started, sweep=sweep, ks=ks)
+            return Generation(grid, settings, seed, steps, None, time.perf_counter() - started, sweep=sweep, ks=ks)
 
     # ------------------------------------------------------------------ what the page shows
     def describe(self, name: str) -> str:

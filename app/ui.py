@@ -294,10 +294,11 @@ def build(holder: ModelHolder, adapter_dir: str | Path | None = None) -> gr.Bloc
         demo.unload(on_unload)
         slot_outputs = [c for s in slots for c in s.components()]
         sync_inputs = {sweep, *(s.name for s in slots)}
-        demo.load(guarded(sync), sync_inputs, [info, sweep, *slot_outputs], api_visibility="private")
+        shown = dict(api_visibility="private", show_progress="hidden")  # no spinner over every panel
+        demo.load(guarded(sync), sync_inputs, [info, sweep, *slot_outputs], **shown)
         if folder is not None:
             load.click(on_load, to_load, info, api_name="load_adapter", concurrency_id=PIPELINE).success(
-                guarded(sync), sync_inputs, [info, sweep, *slot_outputs], api_visibility="private")
+                guarded(sync), sync_inputs, [info, sweep, *slot_outputs], **shown)
             refresh.click(guarded(lambda: gr.Dropdown(choices=folder.names())), None, to_load, api_name="list_adapters")
         draw.click(on_draw, {control_seed, *(c for s in slots for c in (s.name, s.kind))},
                    [prompt, *(s.control for s in slots)], api_visibility="private")

@@ -178,6 +178,7 @@ def test_slider_ends_differ_and_k0_is_base_plus_head_and_scale(holder, control, 
     assert np.array_equal(pixels(full.image), pixels(again.image)), "re-fusing must restore k = m exactly"
     assert np.abs(pixels(zero.image) - pixels(reference_k0)).max() <= 1
     assert "`demo` 3 of 3 butterfly factors active, control scale 1" in full.status() and "re-fused in" in zero.status()
+    assert "weights as before (no re-fuse)" in holder.generate(prompt, {"demo": on(M, image)}, **SAMPLING).status()
 
 
 def test_fractional_k_lies_between_its_neighbours(holder, control):

@@ -1,7 +1,8 @@
-"""A real browser drives the served app: Debian's Chromium (headless) loads the page, sets the
-"active butterfly factors" slider with the keyboard, clicks Generate and sees an image appear
-(screenshot: app.png in the test's temp folder); dragging the slider re-generates; a missing
-control image shows an error message and the page keeps working.
+"""A real browser drives the served app: Debian's Chromium (headless) loads a page with two control
+adapters, sets one adapter's factor slider to a fractional k (2.5) and the other's control scale
+with the keyboard, clicks Generate and gets the image the holder makes for that request
+(screenshot: app.png in the test's temp folder); dragging a slider re-generates; switching an
+adapter off leaves it out; a missing control image shows an error message and the page keeps working.
 
 Chromium is driven through its DevTools protocol over `--remote-debugging-pipe` (fd 3 in, fd 4
 out, NUL-terminated JSON), so the test needs no Python package and no driver download. When
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import io
 import json
 import os
 import queue
@@ -21,6 +23,9 @@ import subprocess
 import threading
 import time
 
+import httpx
+import numpy as np
+import PIL.Image
 import pytest
 from test_app import free_port, make_adapter, one_thread  # noqa: F401  (one_thread is a fixture)
 
@@ -191,61 +196,85 @@ class Chromium:
         self._log.close()
 
 
-def drive(browser: Chromium, url: str, k: int, screenshot, timeout: float = 120) -> dict:
-    """Load the page, set the slider to k with the keyboard, click Generate, wait for the image; screenshot."""
+def slider(i: int, part: str = "factors") -> str:
+    return f"document.querySelector('#{part}-{i} input[type=range]')"
+
+
+def set_slider(browser: Chromium, i: int, value: float, step: float, part: str = "factors") -> None:
+    """Move slot i's slider to `value` with the keyboard (one arrow press per step)."""
+    start = browser.evaluate(f"Number({slider(i, part)}.value)")
+    browser.evaluate(f"{slider(i, part)}.focus()")
+    for _ in range(round(abs(start - value) / step)):
+        browser.key(*(("ArrowLeft", 37) if value < start else ("ArrowRight", 39)))
+    browser.wait_for(f"Number({slider(i, part)}.value) === {value} && "
+                     f"Number(document.querySelector('#{part}-{i} input[type=number]').value) === {value}",
+                     10, f"slider {part}-{i} to read {value}")
+
+
+def status_with(browser: Chromium, text: str, timeout: float, what: str) -> str:
+    return browser.wait_for(f"document.querySelector('#status').innerText.includes({json.dumps(text)}) && "
+                            "document.querySelector('#status').innerText", timeout, what)
+
+
+def drive(browser: Chromium, url: str, screenshot, timeout: float = 120) -> dict:
+    """Load the page, set the landmarks adapter to k = 2.5 and the segmentation adapter's control scale
+    to 0.5 with the keyboard, click Generate, wait for the image; screenshot."""
     browser.call("Page.navigate", {"url": url}, session=True)
-    browser.wait_for("!!document.querySelector('#generate') && !!document.querySelector('#factors input[type=range]')",
-                     timeout, "the page to render")
-    slider = "document.querySelector('#factors input[type=range]')"
-    start, top = browser.evaluate(f"[Number({slider}.value), Number({slider}.max)]")
-    browser.evaluate(f"{slider}.focus()")
-    for _ in range(start - k):
-        browser.key("ArrowLeft", 37)
-    browser.wait_for(f"Number({slider}.value) === {k} && Number(document.querySelector('#factors input[type=number]').value) === {k}",
-                     10, f"the slider to read {k}")
+    browser.wait_for(f"!!document.querySelector('#generate') && !!{slider(0)} && !!{slider(1)}", timeout,
+                     "the page to render both adapters")
+    seen = {"shown": browser.evaluate(
+        "Array.from(document.querySelectorAll('[id^=title-]')).filter(e => e.offsetParent !== null)"
+        ".map(e => e.innerText.trim().split('\\n').pop())")}  # the title, without a progress timer
+    seen["max"] = browser.evaluate(f"[Number({slider(0)}.max), Number({slider(1)}.max)]")
+    set_slider(browser, 0, 2.5, 0.1)
+    set_slider(browser, 1, 0.5, 0.05, part="scale")
     browser.click("#generate")
     image = "document.querySelector('#output-image img')"
-    size = browser.wait_for(f"{image} && {image}.complete && {image}.naturalWidth > 0 && [{image}.naturalWidth, {image}.naturalHeight]",
-                            timeout, "the generated image")
-    browser.wait_for("document.querySelector('#status').innerText.includes('factors active')", 30, "the status line")
-    status = browser.evaluate("document.querySelector('#status').innerText")
-    errors = browser.evaluate(TOASTS)
+    seen["size"] = browser.wait_for(f"{image} && {image}.complete && {image}.naturalWidth > 0 && "
+                                    f"[{image}.naturalWidth, {image}.naturalHeight]", timeout, "the generated image")
+    seen["status"] = status_with(browser, "factors active", 30, "the status line")
+    seen["src"] = browser.evaluate(f"{image}.src")
+    seen["prompt"] = browser.evaluate("document.querySelector('#prompt textarea').value")
+    seen["errors"] = browser.evaluate(TOASTS)
     browser.evaluate("window.scrollTo(0, 0)")
     time.sleep(0.5)  # let the image paint before the screenshot
     browser.screenshot(screenshot)
-    return {"start": start, "max": top, "size": size, "status": status, "errors": errors}
+    return seen
 
 
 def drag_slider_to_zero(browser: Chromium, timeout: float = 60) -> str:
-    """Drag the slider's thumb to 0 with the mouse: releasing it re-generates without a click on Generate."""
+    """Drag the first adapter's slider thumb to 0 with the mouse: releasing it re-generates without a click."""
     right, left, y = browser.evaluate(
-        "(() => { const e = document.querySelector('#factors input[type=range]'); e.scrollIntoView({block: 'center'});"
+        f"(() => {{ const e = {slider(0)}; e.scrollIntoView({{block: 'center'}});"
         " const r = e.getBoundingClientRect(); return [r.right - 4, r.left + 4, r.y + r.height / 2]; })()"
     )
     for kind, x in (("mouseMoved", right), ("mousePressed", right), ("mouseMoved", (right + left) / 2),
                     ("mouseMoved", left), ("mouseReleased", left)):
         browser.call("Input.dispatchMouseEvent", {"type": kind, "x": x, "y": y, "button": "left", "clickCount": 1,
                                                   "buttons": 0 if kind == "mouseReleased" else 1}, session=True)
-    return browser.wait_for("document.querySelector('#status').innerText.includes('0 of 3') && "
-                            "document.querySelector('#status').innerText", timeout, "a generation on slider release")
+    return status_with(browser, "landmarks 0 of 3", timeout, "a generation on slider release")
 
 
-def error_then_recovery(browser: Chromium, timeout: float = 60) -> tuple[str, str]:
-    """Remove the control image and Generate (an error toast), then draw a control and Generate again."""
-    browser.click("#control-image button[aria-label='Remove Image']")
-    browser.wait_for("!document.querySelector('#control-image img')", 10, "the control image to go")
+def switch_off_then_error_then_recovery(browser: Chromium, timeout: float = 60) -> tuple[str, str, str]:
+    """Switch the segmentation adapter off and Generate; remove the landmarks control image and Generate
+    (an error toast); then draw controls and Generate again with seed 1."""
+    browser.click("#on-1 input")
+    browser.wait_for("!document.querySelector('#on-1 input').checked", 10, "the switch to go off")
+    browser.click("#generate")
+    off = browser.wait_for("!document.querySelector('#status').innerText.includes('segmentation') && "
+                           "document.querySelector('#status').innerText", timeout, "a generation without segmentation")
+    browser.click("#control-0 button[aria-label='Remove Image']")
+    browser.wait_for("!document.querySelector('#control-0 img')", 10, "the control image to go")
     browser.click("#generate")
     error = browser.wait_for(TOASTS, timeout, "an error message")
     browser.click("#draw-control")
-    browser.wait_for("!!document.querySelector('#control-image img')", timeout, "a drawn control image")
+    browser.wait_for("!!document.querySelector('#control-0 img')", timeout, "a drawn control image")
     browser.evaluate("document.querySelector('#seed input').select()")
     browser.call("Input.insertText", {"text": "1"}, session=True)
     browser.key("Tab", 9)
     browser.click("#generate")
-    status = browser.wait_for("document.querySelector('#status').innerText.includes('seed 1,') && "
-                              "document.querySelector('#output-image img') && document.querySelector('#status').innerText",
-                              timeout, "a new image after the error")
-    return error, status
+    status = status_with(browser, "seed 1,", timeout, "a new image after the error")
+    return off, error, status
 
 
 @pytest.fixture(scope="module")
@@ -253,12 +282,14 @@ def chromium():
     return install_chromium()
 
 
-def test_browser_sets_slider_generates_and_shows_errors(chromium, tiny_sd_dir, tmp_path, one_thread):  # noqa: F811
+def test_browser_two_control_adapters_fractional_k_and_errors(chromium, tiny_sd_dir, tmp_path, one_thread):  # noqa: F811
+    from app.controls import synthetic_control
     from app.handlers import ModelHolder
     from app.ui import build, launch
 
-    adapter = make_adapter(tiny_sd_dir, tmp_path / "adapter")
-    holder = ModelHolder(tiny_sd_dir, [str(adapter)])
+    adapters = [f"{name}={make_adapter(tiny_sd_dir, tmp_path / name, seed=seed)}"
+                for seed, name in enumerate(("landmarks", "segmentation"))]
+    holder = ModelHolder(tiny_sd_dir, adapters)
     demo = build(holder)
     port = free_port()
     launch(demo, port=port, block=False, quiet=True)
@@ -266,19 +297,29 @@ def test_browser_sets_slider_generates_and_shows_errors(chromium, tiny_sd_dir, t
     try:
         (tmp_path / "chromium").mkdir()
         browser = Chromium(chromium, tmp_path / "chromium")
-        seen = drive(browser, f"http://127.0.0.1:{port}/", k=1, screenshot=tmp_path / "app.png")
+        seen = drive(browser, f"http://127.0.0.1:{port}/", screenshot=tmp_path / "app.png")
+        shown = httpx.get(seen["src"], timeout=30).content
         released = drag_slider_to_zero(browser)
-        error, status = error_then_recovery(browser)
+        off, error, status = switch_off_then_error_then_recovery(browser)
     finally:
         if browser is not None:
             browser.close()
         demo.close()
     print(f"screenshot: {tmp_path / 'app.png'}")
-    assert (seen["start"], seen["max"]) == (holder.factors(), holder.factors())
-    assert seen["size"] == [holder.image_size, holder.image_size]
-    assert "1 of 3 butterfly factors active" in seen["status"], seen
+    assert seen["shown"] == ["landmarks: 3 butterfly factors, control head",
+                             "segmentation: 3 butterfly factors, control head"], seen
+    assert seen["max"] == [3, 3] and seen["size"] == [holder.image_size, holder.image_size]
+    assert ("landmarks 2.5 of 3 butterfly factors active, control scale 1; "
+            "segmentation 3 of 3 butterfly factors active, control scale 0.5") in seen["status"], seen
     assert not seen["errors"], seen
+    # The page's image is the holder's for the same request: each adapter got its own control image and scale.
+    scene = {kind: synthetic_control(kind, 0, holder.image_size)[0] for kind in ("landmarks", "segmentation")}
+    expected = holder.generate(seen["prompt"], {
+        "landmarks": {"k": 2.5, "control": scene["landmarks"]},
+        "segmentation": {"k": 3, "control": scene["segmentation"], "control_scale": 0.5}}, "", 0, 20, 7.5).image
+    assert np.array_equal(np.asarray(PIL.Image.open(io.BytesIO(shown)).convert("RGB")), np.asarray(expected))
     assert (tmp_path / "app.png").stat().st_size > 10_000
-    assert "0 of 3 butterfly factors active" in released, released
-    assert "trained with a control image" in error, error
-    assert "0 of 3 butterfly factors active" in status and "seed 1," in status, status
+    assert "landmarks 0 of 3 butterfly factors active" in released, released
+    assert "landmarks 0 of 3" in off and "segmentation" not in off, off
+    assert "landmarks' was trained with a control image" in error, error
+    assert "landmarks 0 of 3 butterfly factors active" in status and "seed 1," in status, status
