@@ -272,7 +272,7 @@ def test_bad_adapter_settings_are_refused_by_name(two, control, seg_control, tin
     holder = ModelHolder(tiny_sd_dir, [str(headless)])
     assert "'subject' has no control head, so it takes no control image" in refused(
         holder.generate, prompt, {"subject": on(M, image)}, **SAMPLING)
-    assert "`subject` 3 of 3 butterfly factors active." in holder.generate(prompt, {"subject": on()}, **SAMPLING).status()
+    assert "`subject` 3 of 3 butterfly factors active;" in holder.generate(prompt, {"subject": on()}, **SAMPLING).status()
 
 
 def test_info_shows_layout_parameters_head_and_kernel(holder):
