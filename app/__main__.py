@@ -1,8 +1,8 @@
 """Start the BOFT Gradio UI: `python -m app` (or `boft-app`, or `make app`).
 
-    python -m app                                   # embedded tiny model + outputs/demo/adapter (from `make demo`)
+    python -m app                                   # embedded tiny model + the adapters `make demo` (and demo-seg) wrote
     python -m app --model stabilityai/stable-diffusion-2-1-base --adapter outputs/control
-    python -m app --adapter ctrl=outputs/a other=outputs/b --port 7861
+    python -m app --adapter ctrl=outputs/a subject=outputs/b --port 7861   # named, several at once
     python -m app --host 0.0.0.0 --auth_file ~/.boft-app-auth --no_adapter_loading   # beyond this machine
 
 Serving beyond localhost (auth, caps, a TLS reverse proxy): docs/app.md.
@@ -33,7 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", default=None,
                         help="Stable Diffusion folder or hub id (default: the embedded tiny model).")
     parser.add_argument("--adapter", nargs="*", default=None, metavar="[NAME=]FOLDER",
-                        help="One or several adapter folders (default: outputs/demo/adapter when `make demo` made it; "
+                        help="One or several adapter folders (default: outputs/demo/adapter and outputs/demo-seg/adapter, those "
+                             "that `make demo` and `make demo-seg` made; "
                              "`--adapter` alone serves the base model).")
     parser.add_argument("--host", default="127.0.0.1",
                         help="Address to serve on (0.0.0.0 exposes it to the network: warns; use --auth and a TLS proxy).")
@@ -59,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         ("max_image_size", int, "control image width and height in pixels"),
         ("max_upload_mb", float, "control image file size in MB"),
         ("max_strip_images", int, "images in one interpolation strip (k from m to 0 in that many steps)"),
-        ("max_adapters", int, "adapters loaded at once"),
+        ("max_adapters", int, "adapters loaded at once (the page has a panel for each)"),
     ):
         served.add_argument(f"--{field}", type=kind, default=getattr(defaults, field),
                             help=f"Cap on {help_text}, for the page and the API (default: %(default)s).")

@@ -50,7 +50,7 @@ from .security import ControlFiles, client_message
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEMO_ADAPTER = Path("outputs") / "demo" / "adapter"
+DEMO_ADAPTERS = (Path("outputs") / "demo" / "adapter", Path("outputs") / "demo-seg" / "adapter")  # make demo, demo-seg
 NO_ADAPTER_HELP = (
     "No adapter loaded, so this is the base model and there are no factors to switch. "
     "Train the demo adapter with `make demo` (writes `outputs/demo/adapter` on CPU), then restart; "
@@ -101,10 +101,12 @@ def default_model() -> str:
 
 
 def default_adapters() -> list[str]:
-    """The demo adapter `make demo` writes, looked up from the working directory and the checkout."""
+    """The demo adapters `make demo` and `make demo-seg` write (landmarks, segmentation), looked up in
+    the working directory, else in the checkout."""
     for base in (Path.cwd(), REPO_ROOT):
-        if (base / DEMO_ADAPTER / "boft_config.json").is_file():
-            return [str(base / DEMO_ADAPTER)]
+        found = [str(base / folder) for folder in DEMO_ADAPTERS if (base / folder / "boft_config.json").is_file()]
+        if found:
+            return found
     return []
 
 

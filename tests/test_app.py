@@ -22,8 +22,9 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from app.controls import open_control_image, synthetic_control
-from app.handlers import ModelHolder, kernel_label, parse_adapter_spec
+import app.handlers
+from app.controls import guess_kind, open_control_image, synthetic_control
+from app.handlers import ModelHolder, default_adapters, kernel_label, parse_adapter_spec
 from app.limits import Limits
 from app.security import REFUSED_CONTROL, ControlFiles
 from boft_diffusion import BOFTConfig, add_boft, save_boft
@@ -337,6 +338,19 @@ def test_second_adapter_brings_its_own_head(tiny_sd_dir, adapter_dir, tmp_path, 
     assert heads[0] is not None and heads[1] is not None and heads[0] is not heads[1]
     assert np.array_equal(pixels(holder.generate(prompt, {"a": on(M, image)}, **SAMPLING).image), pixels(first.image))
     assert not np.array_equal(pixels(first.image), pixels(second.image))
+
+
+def test_default_adapters_are_the_demo_ones_found(tmp_path, monkeypatch, adapter_dir):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(app.handlers, "REPO_ROOT", tmp_path / "checkout")
+    assert default_adapters() == []
+    shutil.copytree(adapter_dir, tmp_path / "outputs" / "demo-seg" / "adapter")
+    assert default_adapters() == [str(tmp_path / "outputs" / "demo-seg" / "adapter")]
+    shutil.copytree(adapter_dir, tmp_path / "outputs" / "demo" / "adapter")
+    found = default_adapters()
+    assert found == [str(tmp_path / "outputs" / name / "adapter") for name in ("demo", "demo-seg")]
+    assert [parse_adapter_spec(spec)[0] for spec in found] == ["demo", "demo-seg"]
+    assert [guess_kind(name) for name in ("demo", "demo-seg")] == ["landmarks", "segmentation"]
 
 
 def test_adapter_specs_and_control_inputs(tmp_path):
