@@ -209,6 +209,8 @@ class ModelHolder:
             self.model, dtype=self.dtype, safety_checker=None, requires_safety_checker=False
         ).to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
+        # Read once: the page's description runs beside sampling and loading, outside the lock.
+        self.base_parameters = base_parameter_count(self.pipe.unet)
         self.loaded: dict[str, Adapter] = {}  # in load order: the page's slots and the default composition
         self.load_errors: list[str] = []
         self.lock = threading.RLock()
@@ -221,7 +223,7 @@ class ModelHolder:
 
     def is_small(self) -> bool:
         """A toy-sized UNet (the embedded one has 1.5M parameters): one CPU thread samples it fastest."""
-        return base_parameter_count(self.pipe.unet) < SMALL_UNET
+        return self.base_parameters < SMALL_UNET
 
     @property
     def image_size(self) -> int:
@@ -422,10 +424,11 @@ class ModelHolder:
                 f"{a.parameters:,} trainable parameters in {a.projections} projections ({', '.join(a.targets)}); {head}")
 
     def info(self) -> str:
-        """Markdown: model, each adapter's layout, kernel path, adapters that failed to load."""
+        """Markdown: model, each adapter's layout, kernel path, adapters that failed to load (reads no
+        pipeline state, so the page may call it while another request samples or loads)."""
         size = self.image_size
         lines = [f"**Model** `{shown_path(self.model)}`: {size}x{size} px, UNet "
-                 f"{base_parameter_count(self.pipe.unet):,} parameters, {self.device.type} "
+                 f"{self.base_parameters:,} parameters, {self.device.type} "
                  f"{str(self.dtype).replace('torch.', '')}"]
         if not self.loaded:
             lines.append(f"**Adapters** none. {NO_ADAPTER_HELP}")
