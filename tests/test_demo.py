@@ -1,26 +1,47 @@
-"""The main job's plumbing at toy length: the demo writes the grid and the metrics JSON in the
-issue's form, with every k from m down to 0 and the base model."""
+"""The main job's plumbing at toy length: the demo writes the grid, the plot and the metrics JSON in
+the issue's form, with every k from m down to 0 and the base model, for both control tasks."""
 
 import json
 
+import numpy as np
+import pytest
 from PIL import Image
 
 from pipelines import interpolation_grid
 from training import demo
 
+KEYS = {"landmarks": {"landmark_error", "detection_rate"}, "segmentation": {"miou"}}
 
-def test_demo_writes_grid_and_metrics(tmp_path):
+
+@pytest.mark.parametrize("task", ["landmarks", "segmentation"])
+def test_demo_writes_grid_plot_and_metrics(tmp_path, task):
     out = tmp_path / "demo"
-    results = demo.main(["--output_dir", str(out), "--max_train_steps", "2", "--num_eval", "2",
-                         "--num_inference_steps", "2", "--boft_n_butterfly_factors", "2"])
+    results = demo.main(["--task", task, "--output_dir", str(out), "--max_train_steps", "2", "--num_eval", "2",
+                         "--num_inference_steps", "2", "--boft_n_butterfly_factors", "2", "--train_batch_size", "4",
+                         "--num_threads", "1"])
     saved = json.loads((out / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(results))
-    assert saved["task"] == "landmarks" and saved["factors"] == 2 and saved["num_eval"] == 2
-    assert set(saved["base"]) == {"landmark_error", "detection_rate"}
+    assert saved["task"] == task and saved["factors"] == 2 and saved["num_eval"] == 2 and saved["threads"] == 1
+    assert set(saved["base"]) == KEYS[task]
     assert sorted(saved["per_k"]) == ["0", "1", "2"]
-    assert all(set(v) == {"landmark_error", "detection_rate"} for v in saved["per_k"].values())
+    assert all(set(v) == KEYS[task] for v in saved["per_k"].values())
+    assert set(saved["seconds"]) == {"training", "evaluation", "total"} and saved["seconds"]["training"] > 0
     grid = Image.open(out / "interpolation.png")
     blank = Image.new("RGB", (32, 32))
     labels = ["control", "k=2", "k=1", "k=0", "base"]  # 2 rows (the 2 controls), 5 columns
     assert grid.size == interpolation_grid([[blank] * 5] * 2, labels, cell_size=96).size
     assert (out / "adapter" / "boft_weights.safetensors").is_file() and (out / "adapter" / "control_head").is_dir()
+    assert Image.open(out / "error_vs_k.png").size == (480, 320)
+
+
+def test_plot_puts_each_k_and_the_base_line_where_their_values_are():
+    results = {"task": "landmarks", "base": {"landmark_error": 8.0},
+               "per_k": {"0": {"landmark_error": 6.0}, "1": {"landmark_error": 4.0}, "2": {"landmark_error": 2.0}}}
+    px = np.asarray(demo.plot_metric_vs_k(results)).astype(int)
+    blue = np.argwhere((np.abs(px - (40, 80, 220)).sum(-1) == 0))  # dots and line
+    red = np.argwhere((np.abs(px - (200, 40, 40)).sum(-1) == 0))  # the dashed base line (and its label)
+    assert len(blue) and len(red)
+    # The base (8.0) is drawn above every k; the line falls from k=0 (left, 6.0) to k=2 (right, 2.0).
+    assert np.median(red[:, 0]) < blue[:, 0].min()
+    left, right = blue[blue[:, 1] < blue[:, 1].min() + 5], blue[blue[:, 1] > blue[:, 1].max() - 5]
+    assert left[:, 0].mean() < right[:, 0].mean()

@@ -1,8 +1,10 @@
-"""The main job (`make demo`): train a landmark-control BOFT adapter on the embedded tiny model on
-CPU, then switch butterfly factors off one by one (k = m..0, no retraining) and score each k.
+"""The main job (`make demo`, `make demo-seg`): train a landmark- or segmentation-control BOFT adapter
+on the embedded tiny model on CPU, then switch butterfly factors off one by one (k = m..0, no
+retraining) and score each k on held-out controls the training never saw.
 
-Writes outputs/demo/interpolation.png (rows: control inputs; columns: k = m..0, then the base
-model) and outputs/demo/metrics.json, and prints a table.
+Writes to --output_dir: interpolation.png (rows: control inputs; columns: k = m..0, then the base
+model), error_vs_k.png (the metric against k, the base model as a line) and metrics.json, and
+prints a table and the time each phase took.
 """
 
 from __future__ import annotations
@@ -16,25 +18,33 @@ import time
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from boft_diffusion.data import make_dataset
+from boft_diffusion.data import decode_segmentation, make_dataset
 from boft_diffusion.tiny import resolve_model
 from pipelines import BOFTPipeline, interpolation_grid
 from training import train_control
 from training.validation import score
 
+# (metric keys of the table, the one plotted, its label, whether lower is better) per task
+METRICS = {
+    "landmarks": (("landmark_error", "detection_rate"), "landmark_error", "landmark error (px)", True),
+    "segmentation": (("miou",), "miou", "mIoU", False),
+}
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pretrained_model_name_or_path", default=None, help="Base model (default: the embedded tiny model).")
-    p.add_argument("--output_dir", default="outputs/demo")
-    p.add_argument("--task", choices=["landmarks", "segmentation"], default="landmarks")
+    p.add_argument("--output_dir", default=None, help="Default: outputs/demo (landmarks) or outputs/demo-seg.")
+    p.add_argument("--task", choices=sorted(METRICS), default="landmarks")
     p.add_argument("--max_train_steps", type=int, default=4000)
     p.add_argument("--learning_rate", type=float, default=3e-3)
     p.add_argument("--lr_scheduler", default="cosine", help="Decaying the rate steadies the end of a short run.")
+    p.add_argument("--lr_warmup_steps", type=int, default=0)
     p.add_argument("--train_batch_size", type=int, default=8)
     p.add_argument("--control_head_lr", type=float, default=None)
     p.add_argument("--timestep_sampling", choices=["uniform", "cubic"], default="cubic")
@@ -44,11 +54,32 @@ def parse_args(argv=None):
     p.add_argument("--num_inference_steps", type=int, default=20)
     p.add_argument("--guidance_scale", type=float, default=4.0, help="The tiny model's setting (docs/tiny_model.md).")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_threads", type=int, default=None,
+                   help="Torch CPU threads (default: the cores this process may use that the machine's load leaves idle).")
     p.add_argument("--skip_training", action="store_true", help="Reuse the adapter already in --output_dir.")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.output_dir is None:
+        args.output_dir = "outputs/demo" if args.task == "landmarks" else "outputs/demo-seg"
+    if args.num_threads is not None and args.num_threads < 1:
+        p.error("--num_threads must be at least 1.")
+    return args
+
+
+def pick_threads(requested: int | None) -> int:
+    """Threads for torch: the request, else OMP_NUM_THREADS, else the idle cores. Oversubscribed
+    OpenMP threads wait on each other, so on a busy machine fewer threads finish sooner."""
+    if requested is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        requested = int(os.environ["OMP_NUM_THREADS"])
+    if requested is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        requested = min(cores, max(1, round(cores - busy)))
+    torch.set_num_threads(max(1, requested))
+    return torch.get_num_threads()
 
 
 def generate(pipe, prompts, controls, args):
+    """Image i from seed + i, one call each (a batched call differs in the last bit of some pixels)."""
     return [
         pipe(prompt, control_image=control, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
              generator=torch.Generator().manual_seed(args.seed + i)).images[0]
@@ -56,34 +87,33 @@ def generate(pipe, prompts, controls, args):
     ]
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    adapter_dir = os.path.join(args.output_dir, "adapter")
-    started = time.time()
-    if not args.skip_training:
-        train_control.main([
-            *(["--pretrained_model_name_or_path", args.pretrained_model_name_or_path] if args.pretrained_model_name_or_path else []),
-            "--output_dir", adapter_dir, "--task", args.task, "--seed", str(args.seed),
-            "--max_train_steps", str(args.max_train_steps), "--learning_rate", str(args.learning_rate),
-            "--lr_scheduler", args.lr_scheduler, "--guidance_scale", str(args.guidance_scale),
-            "--train_batch_size", str(args.train_batch_size), "--boft_block_size", str(args.boft_block_size),
-            "--boft_n_butterfly_factors", str(args.boft_n_butterfly_factors),
-            "--timestep_sampling", args.timestep_sampling,
-            *(["--control_head_lr", str(args.control_head_lr)] if args.control_head_lr else []),
-            "--checkpointing_steps", str(max(args.max_train_steps // 2, 1)), "--checkpoints_total_limit", "1",
-            "--validation_steps", str(max(args.max_train_steps // 2, 1)), "--report_to", "tensorboard",
-        ])
-    trained_s = time.time() - started
+def train(args, adapter_dir: str) -> None:
+    half = str(max(args.max_train_steps // 2, 1))
+    train_control.main([
+        *(["--pretrained_model_name_or_path", args.pretrained_model_name_or_path] if args.pretrained_model_name_or_path else []),
+        "--output_dir", adapter_dir, "--task", args.task, "--seed", str(args.seed),
+        "--max_train_steps", str(args.max_train_steps), "--learning_rate", str(args.learning_rate),
+        "--lr_scheduler", args.lr_scheduler, "--lr_warmup_steps", str(args.lr_warmup_steps),
+        "--guidance_scale", str(args.guidance_scale),
+        "--train_batch_size", str(args.train_batch_size), "--boft_block_size", str(args.boft_block_size),
+        "--boft_n_butterfly_factors", str(args.boft_n_butterfly_factors),
+        "--timestep_sampling", args.timestep_sampling,
+        *(["--control_head_lr", str(args.control_head_lr)] if args.control_head_lr else []),
+        "--checkpointing_steps", half, "--checkpoints_total_limit", "1",
+        "--validation_steps", half, "--report_to", "tensorboard",
+    ])
 
+
+def evaluate(args, adapter_dir: str):
+    """(results, grid): every k from m to 0 and the base model on held-out controls (seed + 20000;
+    training draws from seed, validation from seed + 10000)."""
     rows = make_dataset(args.task, args.num_eval, seed=args.seed + 20_000)
     controls = [row["conditioning_image"] for row in rows]
     prompts = [row["text"] for row in rows]
-    targets = [np.asarray(row["landmarks"]) for row in rows] if args.task == "landmarks" else None
-    if targets is None:
-        from boft_diffusion.data import decode_segmentation
-
+    if args.task == "landmarks":
+        targets = [np.asarray(row["landmarks"]) for row in rows]
+    else:
         targets = [decode_segmentation(c) for c in controls]
-    metric_keys = ("landmark_error", "detection_rate") if args.task == "landmarks" else ("miou",)
 
     pipe = BOFTPipeline.from_pretrained(
         resolve_model(args.pretrained_model_name_or_path), safety_checker=None, requires_safety_checker=False
@@ -92,36 +122,114 @@ def main(argv=None) -> dict:
     base_images = generate(pipe, prompts, [None] * len(prompts), args)
     results = {"task": args.task, "base": score(args.task, base_images, targets)}
 
-    config = pipe.load_boft(adapter_dir)
-    m = config.n_butterfly_factors
+    m = pipe.load_boft(adapter_dir).n_butterfly_factors
     results["factors"] = m
     results["per_k"] = {}
     columns = {}
     for k in range(m, -1, -1):
         pipe.set_active_factors(k)
-        images = generate(pipe, prompts, controls, args)
-        results["per_k"][str(k)] = score(args.task, images, targets)
-        columns[k] = images
-    results["train_seconds"] = round(trained_s, 1)
+        columns[k] = generate(pipe, prompts, controls, args)
+        results["per_k"][str(k)] = score(args.task, columns[k], targets)
     results["num_eval"] = args.num_eval
 
     shown = min(4, len(controls))
     grid_rows = [[controls[i]] + [columns[k][i] for k in range(m, -1, -1)] + [base_images[i]] for i in range(shown)]
     labels = ["control"] + [f"k={k}" for k in range(m, -1, -1)] + ["base"]
-    grid = interpolation_grid(grid_rows, labels, cell_size=96)
+    return results, interpolation_grid(grid_rows, labels, cell_size=96)
+
+
+def plot_metric_vs_k(results: dict, size=(480, 320)) -> Image.Image:
+    """The metric at each number of active factors (dots and line) and the base model (dashed)."""
+    _, key, label, lower_is_better = METRICS[results["task"]]
+    ks = sorted(int(k) for k in results["per_k"])
+    values = [results["per_k"][str(k)][key] for k in ks]
+    base = results["base"][key]
+    finite = [v for v in values + [base] if v is not None and math.isfinite(v)]
+    top = _nice_top(max(finite, default=1.0) * 1.1)
+    w, h = size
+    left, right, upper, bottom = 56, 40, 28, 40
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+
+    def xy(k: float, v: float) -> tuple[float, float]:
+        x = left + (w - left - right) * (k - ks[0]) / max(ks[-1] - ks[0], 1)
+        return x, h - bottom - (h - upper - bottom) * v / top
+
+    draw.line([(left, upper), (left, h - bottom), (w - right, h - bottom)], fill="black")
+    for i in range(5):  # y ticks
+        v = top * i / 4
+        y = xy(ks[0], v)[1]
+        draw.line([(left - 4, y), (left, y)], fill="black")
+        draw.text((4, y - 5), f"{v:g}", fill="black")
+    for k in ks:  # x ticks
+        x = xy(k, 0)[0]
+        draw.line([(x, h - bottom), (x, h - bottom + 4)], fill="black")
+        draw.text((x - 3, h - bottom + 6), str(k), fill="black")
+    draw.text((w // 2 - 50, h - 16), "active butterfly factors k", fill="black")
+    better = "lower is better" if lower_is_better else "higher is better"
+    draw.text((left, 6), f"{label} vs k ({better}); dashed: base model", fill="black")
+    if base is not None and math.isfinite(base):
+        y = xy(ks[0], base)[1]
+        for x in range(left, w - right, 12):
+            draw.line([(x, y), (min(x + 6, w - right), y)], fill=(200, 40, 40), width=2)
+        draw.text((w - right - 84, y - 14), f"base {base:.2f}", fill=(200, 40, 40))
+    points = [xy(k, v) for k, v in zip(ks, values) if v is not None and math.isfinite(v)]
+    if len(points) > 1:
+        draw.line(points, fill=(40, 80, 220), width=2)
+    for (x, y), v in zip(points, [v for v in values if v is not None and math.isfinite(v)]):
+        draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=(40, 80, 220))
+        draw.text((x + 6, y - 14), f"{v:.2f}", fill=(40, 80, 220))
+    return img
+
+
+def _nice_top(value: float) -> float:
+    """The smallest 4 * (1, 2, 2.5 or 5) * 10^n at or above value: round tick labels."""
+    if not value > 0:
+        return 1.0
+    step = 10 ** math.floor(math.log10(value / 4))
+    return next(4 * f * step for f in (1, 2, 2.5, 5, 10) if 4 * f * step >= value)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    threads = pick_threads(args.num_threads)
+    adapter_dir = os.path.join(args.output_dir, "adapter")
+    seconds = {}
+    started = time.perf_counter()
+    if not args.skip_training:
+        train(args, adapter_dir)
+    seconds["training"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    results, grid = evaluate(args, adapter_dir)
+    seconds["evaluation"] = time.perf_counter() - started
+    seconds["total"] = seconds["training"] + seconds["evaluation"]
+    results["seconds"] = {phase: round(s, 1) for phase, s in seconds.items()}
+    results["threads"] = threads
+
     os.makedirs(args.output_dir, exist_ok=True)
     grid.save(os.path.join(args.output_dir, "interpolation.png"))
+    plot_metric_vs_k(results).save(os.path.join(args.output_dir, "error_vs_k.png"))
     with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
         json.dump(results, f, indent=2)
-
-    print(f"\n{args.task} control, {m} butterfly factors, {args.num_eval} held-out controls (errors in pixels of {rows[0]['image'].size[0]} px images)")
-    print("| model | " + " | ".join(metric_keys) + " |")
-    print("|---|" + "---|" * len(metric_keys))
-    for k in range(m, -1, -1):
-        print(f"| k={k} active factors | " + " | ".join(_fmt(results["per_k"][str(k)][key]) for key in metric_keys) + " |")
-    print("| base model (no control) | " + " | ".join(_fmt(results["base"][key]) for key in metric_keys) + " |")
-    print(f"\nWrote {os.path.join(args.output_dir, 'interpolation.png')} and {os.path.join(args.output_dir, 'metrics.json')}")
+    print_report(args, results)
     return results
+
+
+def print_report(args, results: dict) -> None:
+    keys = METRICS[args.task][0]
+    m = results["factors"]
+    unit = " (errors in pixels of 32 px images)" if args.task == "landmarks" else ""
+    print(f"\n{args.task} control, {m} butterfly factors, {args.num_eval} held-out controls{unit}")
+    print("| model | " + " | ".join(keys) + " |")
+    print("|---|" + "---|" * len(keys))
+    for k in range(m, -1, -1):
+        print(f"| k={k} active factors | " + " | ".join(_fmt(results["per_k"][str(k)][key]) for key in keys) + " |")
+    print("| base model (no control) | " + " | ".join(_fmt(results["base"][key]) for key in keys) + " |")
+    s = results["seconds"]
+    print(f"\nTime ({results['threads']} threads): training {s['training']:.0f} s, evaluation {s['evaluation']:.0f} s, "
+          f"total {s['total']:.0f} s")
+    print(f"Wrote interpolation.png, error_vs_k.png and metrics.json to {args.output_dir}")
 
 
 def _fmt(value: float) -> str:
