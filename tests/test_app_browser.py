@@ -2,7 +2,8 @@
 adapters, sets one adapter's factor slider to a fractional k (2.5) and the other's control scale
 with the keyboard, clicks Generate and gets the image the holder makes for that request
 (screenshot: app.png in the test's temp folder); dragging a slider re-generates; switching an
-adapter off leaves it out; a missing control image shows an error message and the page keeps working.
+adapter off leaves it out; a missing control image shows an error message and the page keeps working;
+an adapter loaded from the page's list gets a panel of its own (no control input: it has no head).
 
 Chromium is driven through its DevTools protocol over `--remote-debugging-pipe` (fd 3 in, fd 4
 out, NUL-terminated JSON), so the test needs no Python package and no driver download. When
@@ -222,9 +223,7 @@ def drive(browser: Chromium, url: str, screenshot, timeout: float = 120) -> dict
     browser.call("Page.navigate", {"url": url}, session=True)
     browser.wait_for(f"!!document.querySelector('#generate') && !!{slider(0)} && !!{slider(1)}", timeout,
                      "the page to render both adapters")
-    seen = {"shown": browser.evaluate(
-        "Array.from(document.querySelectorAll('[id^=title-]')).filter(e => e.offsetParent !== null)"
-        ".map(e => e.innerText.trim().split('\\n').pop())")}  # the title, without a progress timer
+    seen = {"shown": browser.evaluate(SHOWN_TITLES)}
     seen["max"] = browser.evaluate(f"[Number({slider(0)}.max), Number({slider(1)}.max)]")
     set_slider(browser, 0, 2.5, 0.1)
     set_slider(browser, 1, 0.5, 0.05, part="scale")
@@ -277,6 +276,33 @@ def switch_off_then_error_then_recovery(browser: Chromium, timeout: float = 60) 
     return off, error, status
 
 
+SHOWN_TITLES = ("Array.from(document.querySelectorAll('[id^=title-]')).filter(e => e.offsetParent !== null)"
+                ".map(e => e.innerText.trim().split('\\n').pop())")  # the titles, without a progress timer
+
+
+def load_from_page(browser: Chromium, name: str, timeout: float = 60) -> tuple[list, bool, str]:
+    """Load `name` from the page's adapter folder list: a third panel appears; Generate with it on."""
+    browser.evaluate("Array.from(document.querySelectorAll('button, span')).find(e => e.innerText && "
+                     "e.innerText.trim() === 'Load another adapter').click()")
+    browser.wait_for("!!document.querySelector('#adapter-to-load input') && "
+                     "document.querySelector('#adapter-to-load input').offsetParent !== null", 10, "the loader")
+    browser.click("#adapter-to-load input")
+    browser.call("Input.insertText", {"text": name}, session=True)
+    browser.key("Enter", 13)
+    browser.key("Tab", 9)  # leave the box: the dropdown takes the typed name
+    time.sleep(0.5)
+    browser.evaluate("Array.from(document.querySelectorAll('button')).find(e => e.innerText.trim() === 'Load adapter')"
+                     ".click()")
+    try:
+        titles = browser.wait_for(f"{SHOWN_TITLES}.length === 3 && {SHOWN_TITLES}", timeout, "a third adapter panel")
+    except TimeoutError as err:
+        typed = browser.evaluate("document.querySelector('#adapter-to-load input').value")
+        raise AssertionError(f"{err}; the loader reads {typed!r}, messages: {browser.evaluate(TOASTS)!r}") from None
+    control_shown = browser.evaluate("(e => !!e && e.offsetParent !== null)(document.querySelector('#control-2'))")
+    browser.click("#generate")
+    return titles, control_shown, status_with(browser, "subject 3 of 3", timeout, "a generation with the new adapter")
+
+
 @pytest.fixture(scope="module")
 def chromium():
     return install_chromium()
@@ -290,7 +316,8 @@ def test_browser_two_control_adapters_fractional_k_and_errors(chromium, tiny_sd_
     adapters = [f"{name}={make_adapter(tiny_sd_dir, tmp_path / name, seed=seed)}"
                 for seed, name in enumerate(("landmarks", "segmentation"))]
     holder = ModelHolder(tiny_sd_dir, adapters)
-    demo = build(holder)
+    make_adapter(tiny_sd_dir, tmp_path / "root" / "subject" / "adapter", seed=2, head=False)
+    demo = build(holder, tmp_path / "root")
     port = free_port()
     launch(demo, port=port, block=False, quiet=True)
     browser = None
@@ -301,6 +328,7 @@ def test_browser_two_control_adapters_fractional_k_and_errors(chromium, tiny_sd_
         shown = httpx.get(seen["src"], timeout=30).content
         released = drag_slider_to_zero(browser)
         off, error, status = switch_off_then_error_then_recovery(browser)
+        titles, control_shown, with_third = load_from_page(browser, "subject/adapter")
     finally:
         if browser is not None:
             browser.close()
@@ -323,3 +351,5 @@ def test_browser_two_control_adapters_fractional_k_and_errors(chromium, tiny_sd_
     assert "landmarks 0 of 3" in off and "segmentation" not in off, off
     assert "landmarks' was trained with a control image" in error, error
     assert "landmarks 0 of 3 butterfly factors active" in status and "seed 1," in status, status
+    assert titles[2] == "subject: 3 butterfly factors, no control head" and not control_shown, titles
+    assert "landmarks 0 of 3" in with_third and "; subject 3 of 3 butterfly factors active;" in with_third, with_third
