@@ -151,7 +151,7 @@ def build(holder: ModelHolder, adapter_dir: str | Path | None = None) -> gr.Bloc
         gr.Markdown("# BOFT diffusion\nSwitch adapters on and move each one's slider: butterfly factors m-1, "
                     "m-2, ... reset to identity, a fractional k fading one factor as a rotation (k = 0 leaves "
                     "the base model, the control head and the learned scale), without retraining.")
-        info = gr.Markdown(holder.info(), elem_id="adapter-info")
+        info = gr.Markdown(holder.info(), label="info", elem_id="adapter-info")
         with gr.Row():
             with gr.Column(scale=1):
                 prompt = gr.Textbox(label="Prompt", value=caption, elem_id="prompt")
@@ -218,18 +218,19 @@ def build(holder: ModelHolder, adapter_dir: str | Path | None = None) -> gr.Bloc
                                   values[sweep] or None, values[columns])
             return result.image, strip_status(result, limits.max_strip_images)
 
+        # The API's handlers: their parameter names are what gradio_client shows (they shadow the widgets).
         @guarded
-        async def api_generate(prompt_, adapters, negative_, seed_, steps_, guidance_, request: gr.Request,
+        async def api_generate(prompt, adapters, negative_prompt, seed, steps, guidance, request: gr.Request,
                                progress=gr.Progress()):
-            result = await sample(holder.generate, "Sampling", request, progress, prompt_, adapters, negative_, seed_,
-                                  steps_, guidance_)
+            result = await sample(holder.generate, "Sampling", request, progress, prompt, adapters, negative_prompt,
+                                  seed, steps, guidance)
             return result.image, result.status()
 
         @guarded
-        async def api_strip(prompt_, adapters, negative_, seed_, steps_, guidance_, sweep_, columns_,
+        async def api_strip(prompt, adapters, negative_prompt, seed, steps, guidance, sweep, columns,
                             request: gr.Request, progress=gr.Progress()):
-            result = await sample(holder.strip, "Sampling the strip", request, progress, prompt_, adapters, negative_,
-                                  seed_, steps_, guidance_, sweep_ or None, columns_)
+            result = await sample(holder.strip, "Sampling the strip", request, progress, prompt, adapters,
+                                  negative_prompt, seed, steps, guidance, sweep or None, columns)
             return result.image, strip_status(result, limits.max_strip_images)
 
         def sync(values: dict) -> dict:
