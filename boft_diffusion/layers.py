@@ -5,6 +5,12 @@
 Which side gets rotated is a cost decision (see `rotate_input_side`): rotating the rows of x
 costs m*d*b per token; rotating W costs m*d*b per output row but, when training, also needs
 the gradient of the rotated weight, a full tokens x d x out matmul.
+
+Training runs each projection as one autograd node (`RotatedLinear`): it saves x (the very
+tensor q, k and v all get, so once per attention), the small rotation tensors and the matmul
+output u (for the gradient of s), and recomputes nothing else. The Cayley solves and R's chunk
+matrices of all rotations that share a `RotationGroup` (one adapter's) are computed together,
+once per step, in a few batched calls; without grad they are cached until the skew changes.
 """
 
 from __future__ import annotations
@@ -17,13 +23,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .butterfly import cayley, chunk_matrices, chunk_size, factor_order, num_skew_params, rotate_by_chunks
+from .butterfly import CPU_SOLVE_ONE_BY_ONE, cayley, chunk_size, factor_order, num_skew_params
+from .kernels import chunks as chunk_ops
 
 logger = logging.getLogger(__name__)
 
 # Measured on CPU (benchmarks/README.md): a b x b block matmul per factor runs ~4x below its
-# flop count (the reorder copies around tiny matmuls), one c x c chunk matmul near it.
+# flop count (the reorder copies around tiny matmuls), one c x c chunk matmul near it; on top,
+# each of its d/b tiny matmuls has a fixed cost of about 0.5 us, as much as ~25k multiply-adds.
 FACTORED_OVERHEAD = 4
+BLOCK_CALL_COST = 25_000
 
 
 class ButterflyRotate(torch.autograd.Function):
@@ -44,6 +53,148 @@ class ButterflyRotate(torch.autograd.Function):
             x, grad, blocks, ctx.order, ctx.transpose, need_blocks_grad=ctx.needs_input_grad[1]
         )
         return grad_x if ctx.needs_input_grad[0] else None, grad_blocks, None, None
+
+
+class Cayley(torch.autograd.Function):
+    """`butterfly.cayley` for a whole batch of blocks, with cheap packing and a closed-form gradient.
+
+    S comes from the packed entries by one matmul with a +-1 scatter matrix (index writes cost
+    more than the solve at 45k blocks). Q = (I + S)^-1 (I - S) gives (I + S)^-1 = (Q + I) / 2, so
+    dL/dS = -(Q + I)^T G (Q + I)^T / 2 for G = dL/dQ: two batched b x b matmuls instead of
+    differentiating through the solve."""
+
+    @staticmethod
+    def forward(ctx, packed: torch.Tensor, block_size: int) -> torch.Tensor:
+        if packed.device.type == "cpu" and block_size >= CPU_SOLVE_ONE_BY_ONE:
+            blocks = cayley(packed, block_size)  # large blocks: its workaround for batched CPU solves
+        else:
+            dtype = torch.promote_types(packed.dtype, torch.float32)
+            flat = packed.to(dtype).reshape(-1, packed.shape[-1]) @ _skew_scatter(block_size, dtype, packed.device)
+            skew = flat.view(*packed.shape[:-1], block_size, block_size)  # (..., b, b)
+            eye = torch.eye(block_size, dtype=dtype, device=packed.device)
+            blocks = torch.linalg.solve(eye + skew, eye - skew)
+        ctx.save_for_backward(blocks)
+        ctx.packed_dtype = packed.dtype
+        return blocks
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (blocks,) = ctx.saved_tensors
+        b = blocks.shape[-1]
+        k = blocks + torch.eye(b, dtype=blocks.dtype, device=blocks.device)  # 2 (I + S)^-1
+        grad_skew = torch.matmul(torch.matmul(k.mT, grad.to(blocks.dtype)), k.mT).mul_(-0.5)  # (..., b, b)
+        scatter = _skew_scatter(b, blocks.dtype, blocks.device)
+        grad_packed = grad_skew.reshape(-1, b * b) @ scatter.mT  # (blocks, b(b-1)/2)
+        return grad_packed.view(*blocks.shape[:-2], -1).to(ctx.packed_dtype), None
+
+
+_SCATTERS: dict = {}
+
+
+def _skew_scatter(block_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(b(b-1)/2, b*b) with +1 at (r, c) and -1 at (c, r) of each packed entry (r < c): packed @ it = skew, flat."""
+    key = (block_size, dtype, device)
+    if key not in _SCATTERS:
+        rows, cols = torch.triu_indices(block_size, block_size, offset=1)
+        scatter = torch.zeros(rows.numel(), block_size * block_size, dtype=dtype)
+        index = torch.arange(rows.numel())
+        scatter[index, rows * block_size + cols] = 1
+        scatter[index, cols * block_size + rows] = -1
+        _SCATTERS[key] = scatter.to(device)
+    return _SCATTERS[key]
+
+
+class RotationGroup:
+    """Rotations whose Cayley blocks and chunk matrices are computed together: one batched solve
+    and one chunk build per step for all members of the same shape (an adapter's 128 projections
+    in SD 1.5), instead of a dozen small calls per projection.
+
+    With grad, one computation (a "round") serves one forward: each member takes its tensors
+    once; a member asking again (a second forward before the step, gradient checkpointing's
+    recompute) starts a new round, as does a round whose graph backward has already used. A
+    member that was not in the round (it was never asked for before) is computed alone. Without
+    grad the results stay cached on each member until its skew or factors change.
+    Not in the module tree (no state): `add_boft` links an adapter's rotations.
+    """
+
+    def __init__(self, members: Sequence["ButterflyRotation"]):
+        self.members = list(members)
+        self._rounds: dict = {}
+        for member in self.members:
+            member._group = self
+
+    def __getstate__(self):  # deepcopy / pickle: members only, never tensors of a past round
+        return {"members": self.members}
+
+    def __setstate__(self, state):
+        self.members, self._rounds = state["members"], {}
+
+    def tensors(self, rotation: "ButterflyRotation", want_chunks: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(blocks (m, d/b, b, b), chunks of R (d/c, c, c) or None) for `rotation` now."""
+        rotation._wants_chunks = want_chunks or bool(rotation._wants_chunks)
+        key = rotation._tensor_key()
+        if rotation._fresh_dropout():  # its own seeded masks every call
+            return _compute([rotation], rotation.blocks())[0][0]
+        if not (torch.is_grad_enabled() and rotation.boft_skew.requires_grad):
+            cached = rotation._tensor_cache
+            if cached is None or cached[0] != key or (want_chunks and cached[2] is None):
+                with torch.no_grad():
+                    stale = [r for r in self._peers(rotation) if r is rotation or r._stale(want=False)]
+                    for member, tensors in zip(stale, _compute(stale)[0]):
+                        member._tensor_cache = (member._tensor_key(), *tensors)
+            return rotation._tensor_cache[1:]
+        compat = rotation._compat_key()
+        entries, taken = self._rounds.get(compat, ({}, set()))
+        entry = entries.get(id(rotation))
+        if entry is not None and id(rotation) not in taken and entry[0] == key and (entry[2] is not None or not want_chunks):
+            taken.add(id(rotation))
+            return entry[1:]
+        if entries and id(rotation) not in taken:  # a newcomer while the round is in use
+            taken.add(id(rotation))
+            return _compute([rotation])[0][0]
+        members = self._peers(rotation)
+        computed, blocks = _compute(members)
+        entries = {id(r): (r._tensor_key(), *t) for r, t in zip(members, computed)}
+        self._rounds[compat] = (entries, {id(rotation)})
+        if blocks.requires_grad:  # once backward has run through this round, it is spent
+            blocks.register_hook(lambda grad, compat=compat, entries=entries: self._spend(compat, entries))
+        return entries[id(rotation)][1:]
+
+    def _peers(self, rotation: "ButterflyRotation") -> list["ButterflyRotation"]:
+        """Members to compute with `rotation`: same shape, used before, no fresh dropout masks;
+        the ones that want chunks first (their blocks are then one contiguous slice)."""
+        compat = rotation._compat_key()
+        peers = [
+            r for r in self.members
+            if r is rotation or (r._wants_chunks is not None and r._compat_key() == compat and not r._fresh_dropout())
+        ]
+        if rotation not in peers:
+            peers.append(rotation)
+        return sorted(peers, key=lambda r: not r._wants_chunks)
+
+    def _spend(self, compat, entries) -> None:
+        if compat in self._rounds and self._rounds[compat][0] is entries:
+            del self._rounds[compat]
+
+
+def _compute(members: Sequence["ButterflyRotation"], blocks: torch.Tensor | None = None):
+    """([(blocks, chunks or None)] per member, all blocks) for same-shape members: one Cayley
+    solve and one chunk build."""
+    first = members[0]
+    if blocks is None:
+        packed = torch.cat([r.scaled_skew() for r in members], dim=1) if len(members) > 1 else first.scaled_skew()
+        blocks = Cayley.apply(packed, first.block_size)  # (m, sum d/b, b, b)
+    factors = first.factors()
+    per_member = blocks.split([r.block_num for r in members], dim=1)
+    chunked = [r for r in members if r._wants_chunks]
+    out = [(b, None) for b in per_member]
+    if chunked and factors:
+        width = sum(r.block_num for r in chunked)
+        chunks = chunk_ops.BuildChunks.apply(blocks[:, :width], factors)  # (sum d/c, c, c)
+        c = chunk_size(first.block_size, factors)
+        for i, piece in enumerate(chunks.split([r.in_features // c for r in chunked])):
+            out[i] = (out[i][0], piece)
+    return out, blocks
 
 
 class ButterflyRotation(nn.Module):
@@ -81,7 +232,9 @@ class ButterflyRotation(nn.Module):
         # mask depends neither on the process count nor on a recomputing backward), else globally.
         self.dropout_seed: int | None = None
         self._cache: tuple | None = None
-        self._chunk_cache: tuple | None = None
+        self._tensor_cache: tuple | None = None  # (key, blocks, chunks or None) without grad
+        self._wants_chunks: bool | None = None  # None: never used; else whether it rotates by chunks
+        self._group = RotationGroup([self])
 
     @property
     def block_num(self) -> int:
@@ -100,7 +253,7 @@ class ButterflyRotation(nn.Module):
         if len(scales) != self.n_factors:
             raise ValueError(f"Factor mask has {len(scales)} entries, the adapter has {self.n_factors} factors.")
         self.factor_scales = tuple(float(scale) for scale in scales)
-        self._cache = self._chunk_cache = None
+        self._cache = self._tensor_cache = None
 
     def scaled_skew(self) -> torch.Tensor:
         """boft_skew with fractional factors scaled; the parameter itself when every factor is 0 or 1
@@ -117,7 +270,7 @@ class ButterflyRotation(nn.Module):
             if self._cache is None or self._cache[0] != key:
                 self._cache = (key, cayley(self.scaled_skew().detach(), self.block_size))
             return self._cache[1]
-        blocks = cayley(self.scaled_skew(), self.block_size)
+        blocks = Cayley.apply(self.scaled_skew(), self.block_size)
         if self.training and self.dropout > 0:
             if self.dropout_seed is None:
                 draw = torch.rand(blocks.shape[:2], device=blocks.device)  # (m, d/b)
@@ -128,8 +281,16 @@ class ButterflyRotation(nn.Module):
             blocks = torch.where(drop[..., None, None], eye, blocks)
         return blocks
 
+    def factors(self) -> tuple[int, ...]:
+        """Active factor indices, ascending."""
+        return tuple(i for i, on in enumerate(self.active) if on)
+
     def order(self, transpose: bool) -> tuple[int, ...]:
         return tuple(factor_order(self.n_factors, self.active, transpose))
+
+    def step_tensors(self, want_chunks: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This step's (blocks, chunks of R or None), computed with the rest of the group."""
+        return self._group.tensors(self, want_chunks)
 
     def rotate(self, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         """x R (transpose=False) or x R^T, for rows x (..., d), on the cheaper implementation."""
@@ -137,47 +298,64 @@ class ButterflyRotation(nn.Module):
         if not order:
             return x
         if self.use_chunks(x.numel() // x.shape[-1], x.device):
-            return rotate_by_chunks(x, self.chunks(order, transpose))
-        return ButterflyRotate.apply(x, self.blocks(), order, transpose)
-
-    def chunks(self, order: tuple[int, ...], transpose: bool) -> torch.Tensor:
-        """R's diagonal chunks (d/c, c, c), built from the blocks; cached when no grad flows."""
-        if torch.is_grad_enabled() or (self.training and self.dropout > 0):
-            return chunk_matrices(self.blocks(), order, transpose)
-        key = ("chunks", self.boft_skew._version, id(self.boft_skew), self.boft_skew.device, self.factor_scales,
-               order, transpose)
-        if self._chunk_cache is None or self._chunk_cache[0] != key:
-            self._chunk_cache = (key, chunk_matrices(self.blocks(), order, transpose))
-        return self._chunk_cache[1]
+            chunks = self.step_tensors(want_chunks=True)[1]
+            if torch.is_grad_enabled():
+                return chunk_ops.ChunkRotate.apply(x, chunks, transpose)
+            return chunk_ops.rotate(x, chunks, transpose)
+        return ButterflyRotate.apply(x, self.step_tensors(want_chunks=False)[0], order, transpose)
 
     def cost(self, rows: int, device: torch.device) -> float:
         """Work to rotate `rows` rows with the implementation `rotate` picks (for the side rule)."""
         order = self.order(False)
         if not order:
             return 0.0
-        d, b, m = self.in_features, self.block_size, len(order)
-        factored = m * b * d * rows * (1 if kernels.fused_kernel_runs(device) else FACTORED_OVERHEAD)
-        return min(factored, self._chunk_cost(rows))
+        if kernels.fused_kernel_runs(device):
+            return len(order) * self.block_size * self.in_features * rows
+        return min(self._factored_cost(rows), self._chunk_cost(rows))
 
     def use_chunks(self, rows: int, device: torch.device) -> bool:
         """One c x c matmul per chunk beats m block matmuls where the fused kernel does not run
         and c stays small (c = b * 2^(m-1), so chunks lose as m grows)."""
         if kernels.fused_kernel_runs(device):
             return False
-        order = self.order(False)
-        return self._chunk_cost(rows) < len(order) * self.block_size * self.in_features * rows * FACTORED_OVERHEAD
+        return self._chunk_cost(rows) < self._factored_cost(rows)
+
+    def _factored_cost(self, rows: int) -> float:
+        m, b, d = len(self.order(False)), self.block_size, self.in_features
+        return m * b * d * rows * FACTORED_OVERHEAD + m * (d // b) * BLOCK_CALL_COST
 
     def _chunk_cost(self, rows: int) -> float:
-        order = self.order(False)
-        d, b, c = self.in_features, self.block_size, chunk_size(self.block_size, order)
-        build = 0 if not torch.is_grad_enabled() else len(order) * b * d * c  # cached without grad
+        """d*c per row, plus (with grad) this rotation's share of the chunk build, batched with its
+        group once per step: d*c*c for the top level's dense matmul, run near peak, so ~1/8 of it."""
+        d, c = self.in_features, chunk_size(self.block_size, self.order(False))
+        build = d * c * c // 8 if torch.is_grad_enabled() and self.boft_skew.requires_grad else 0  # cached without grad
         return d * c * rows + build
+
+    def _tensor_key(self) -> tuple:
+        skew = self.boft_skew
+        return (id(skew), skew._version, skew.device, skew.dtype, self.factor_scales)
+
+    def _compat_key(self) -> tuple:
+        """Rotations with equal keys are computed in one batch."""
+        return (self.block_size, self.n_factors, self.factors(), self.boft_skew.device, self.boft_skew.dtype)
+
+    def _fresh_dropout(self) -> bool:
+        return self.training and self.dropout > 0
+
+    def _stale(self, want: bool) -> bool:
+        cached = self._tensor_cache
+        return cached is None or cached[0] != self._tensor_key() or (want and cached[2] is None)
 
     def extra_repr(self) -> str:
         return (
             f"d={self.in_features}, out={self.out_features}, block_size={self.block_size}, "
             f"block_num={self.block_num}, factors={self.n_factors}, active={list(self.factor_scales)}"
         )
+
+
+def link_rotations(rotations: Sequence[ButterflyRotation]) -> RotationGroup:
+    """Compute these rotations' blocks and chunks together from now on (one adapter's, say)."""
+    return RotationGroup(rotations)
 
 
 def rotate_input_side(
@@ -210,20 +388,113 @@ def output_scale(rotations: Sequence[ButterflyRotation]) -> torch.Tensor:
     return scale
 
 
+def _stages(rotations: Sequence[ButterflyRotation], rows: int, device) -> tuple[tuple, list[torch.Tensor]]:
+    """How each active rotation is applied to x (("chunks",) or ("blocks", order)) and its tensor."""
+    stages, tensors = [], []
+    for rotation in rotations:
+        order = rotation.order(False)
+        if not order:
+            continue
+        if rotation.use_chunks(rows, device):
+            stages.append(("chunks",))
+            tensors.append(rotation.step_tensors(want_chunks=True)[1])
+        else:
+            stages.append(("blocks", order))
+            tensors.append(rotation.step_tensors(want_chunks=False)[0])
+    return tuple(stages), tensors
+
+
+def _rotate(z: torch.Tensor, stage: tuple, tensor: torch.Tensor) -> torch.Tensor:
+    if stage[0] == "chunks":
+        return chunk_ops.rotate(z, tensor)
+    return kernels.rotate(z, tensor, stage[1], False)
+
+
+def _rotate_backward(z: torch.Tensor, grad: torch.Tensor, stage: tuple, tensor: torch.Tensor, need: bool):
+    """(dL/dz, dL/dtensor or None) for out = _rotate(z, stage, tensor)."""
+    if stage[0] == "chunks":
+        grad_tensor = chunk_ops.chunks_grad(z, grad, tensor.shape[0]).to(tensor.dtype) if need else None
+        return chunk_ops.rotate(grad, tensor, transpose=True), grad_tensor
+    return kernels.rotate_backward(z, grad, tensor, stage[1], False, need)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
+def _scale_bias(u: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """s * u + bias in one pass."""
+    scale = scale.to(u.dtype)
+    return u * scale if bias is None else torch.addcmul(bias.to(u.dtype), u, scale)
+
+
+class RotatedLinear(torch.autograd.Function):
+    """y = s * ((x R_1 R_2 ...) W^T) + bias for a frozen W, as one autograd node.
+
+    Saves x (no copy: q, k and v of an attention share it), W, s, the rotation tensors and, when
+    s is trained, u = (x R) W^T. Backward: dL/dz = (g s) W, then back through each rotation
+    (recomputing its input from x when several rotations compose).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, stages: tuple, *tensors):
+        dtype = _compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            z = x.to(dtype)
+            for stage, tensor in zip(stages, tensors):
+                z = _rotate(z, stage, tensor)
+            u = F.linear(z, weight.to(dtype))
+            y = _scale_bias(u, scale, bias)
+        ctx.stages, ctx.dtype = stages, dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(x, weight, scale, u if ctx.needs_input_grad[3] else None, *tensors)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, scale, u, *tensors = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dtype, stages = ctx.dtype, ctx.stages
+        with torch.autocast(x.device.type, enabled=False):
+            g = grad.to(dtype)
+            g_u = g * scale.to(dtype)
+            g_z = torch.matmul(g_u, weight.to(dtype))  # (..., d)
+            inputs = [x.to(dtype)]  # each rotation's input (and the last output, for dL/dW)
+            for stage, tensor in zip(stages, tensors):
+                if len(inputs) >= len(tensors) + need[1]:
+                    break
+                inputs.append(_rotate(inputs[-1], stage, tensor))
+            grad_weight = None
+            if need[1]:
+                grad_weight = (g_u.reshape(-1, g_u.shape[-1]).mT @ inputs.pop().reshape(-1, x.shape[-1])).to(weight.dtype)
+            grad_tensors = [None] * len(tensors)
+            for j in range(len(tensors) - 1, -1, -1):
+                g_z, grad_tensors[j] = _rotate_backward(inputs[j], g_z, stages[j], tensors[j], need[5 + j])
+            grad_scale = grad_bias = None
+            if need[3]:
+                grad_scale = (g.float() * u.float()).reshape(-1, g.shape[-1]).sum(0).to(scale.dtype)
+            if ctx.bias_dtype is not None and need[2]:
+                grad_bias = g.float().reshape(-1, g.shape[-1]).sum(0).to(ctx.bias_dtype)
+        grad_x = g_z.to(x.dtype) if need[0] else None
+        return grad_x, grad_weight, grad_bias, grad_scale, None, *grad_tensors
+
+
 def boft_linear(x: torch.Tensor, linear: nn.Linear, rotations: Sequence[ButterflyRotation]) -> torch.Tensor:
     """s * ((x R) W^T) + bias for a frozen `linear`, choosing the cheaper side to rotate."""
     if not rotations:
         return linear(x)
     grad = torch.is_grad_enabled() and any(p.requires_grad for r in rotations for p in r.parameters())
     tokens = x.numel() // x.shape[-1]
+    scale = output_scale(rotations)
     if rotate_input_side(tokens, rotations, linear.out_features, grad, x.device):
-        for rotation in rotations:
-            x = rotation.rotate(x)
-        y = F.linear(x, linear.weight)
-    else:
-        y = F.linear(x, rotated_weight(linear.weight, rotations))
-    y = y * output_scale(rotations).to(y.dtype)
-    return y if linear.bias is None else y + linear.bias
+        stages, tensors = _stages(rotations, tokens, x.device)
+        if torch.is_grad_enabled():
+            return RotatedLinear.apply(x, linear.weight, linear.bias, scale, stages, *tensors)
+        for stage, tensor in zip(stages, tensors):
+            x = _rotate(x, stage, tensor)
+        return _scale_bias(F.linear(x, linear.weight), scale, linear.bias)
+    return _scale_bias(F.linear(x, rotated_weight(linear.weight, rotations)), scale, linear.bias)
 
 
 class BOFTLinear(nn.Linear):

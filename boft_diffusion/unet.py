@@ -17,7 +17,7 @@ from torch import nn
 from .adapter import BOFTAdapter, base_module, registry
 from .attention import attention_modules, boft_linears, projection_layer, unwrap_unused, wrapped_projection
 from .config import BOFTConfig
-from .layers import ButterflyRotation
+from .layers import ButterflyRotation, link_rotations
 
 
 def adapters(unet: nn.Module) -> dict[str, BOFTAdapter]:
@@ -90,6 +90,7 @@ def add_boft(unet: nn.Module, config: BOFTConfig, adapter_name: str = "default")
     found = registry(model, create=True)
     found.adapters[adapter_name] = BOFTAdapter(config)
     found.active.append(adapter_name)
+    link_rotations([rotation for _, rotation in rotations(model, adapter_name)])  # blocks and chunks batched per step
     _apply_active(model)
     if fused:
         fuse_boft(unet)
