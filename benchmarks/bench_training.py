@@ -1,10 +1,15 @@
-"""Training-step and inference cost of BOFT adapters on a Stable Diffusion 1.5-sized UNet.
+"""Training-step and inference cost of BOFT adapters on a Stable Diffusion 1.5-sized UNet and on
+the embedded tiny model (the demo's setting: batch 8, 32 px images).
 
-One command, one run, one fresh subprocess per mode (so each peak-memory figure is that
-mode's own):
+One command, one run, one fresh subprocess per model and mode (so each peak-memory figure is
+that mode's own):
 
-    python benchmarks/bench_training.py                    # CPU defaults: 32x32 latents, 1 thread
-    python benchmarks/bench_training.py --latent 64 --device cuda --out benchmarks/results/gpu.json
+    python benchmarks/bench_training.py                    # CPU defaults: SD 32x32 latents + tiny, 1 thread
+    python benchmarks/bench_training.py --models sd15 --latent 64 --device cuda --out benchmarks/results/gpu.json
+
+Models (``--models``): ``sd15`` (SD 1.5 UNet config, random init, ``--latent``, ``--batch``,
+``--factors``) and ``tiny`` (the shipped tiny model, ``--tiny_batch`` 8, ``--tiny_pixels`` 32,
+``--tiny_factors`` 3, as `training/demo.py` trains it).
 
 Modes (``--modes``, comma separated):
 
@@ -15,7 +20,10 @@ Modes (``--modes``, comma separated):
     lora_r8         the same at rank 8
     peft_boft       PEFT BOFT, same (block size, factors), m really in effect (PEFT's CUDA
                     block-diagonal helper replaced by torch, as in tests/peft_oracle.py)
+    peft_oft        PEFT OFT (its input-centric version: x rotated block-diagonally, Cayley-Neumann),
+                    the same block size: the fastest orthogonal finetuning to compare m=1 with
     ours            boft_diffusion.add_boft, same targets and (b, m)
+    ours_m1         the same with m=1 (block-diagonal, what peft_oft computes)
     infer_base      one UNet call, batch 2 (classifier-free guidance), no grad, no adapter
     infer_unmerged  the same through our processors with the adapter applied per call
     infer_fused     the same after fuse_boft (adapter merged into the weights)
@@ -38,6 +46,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -73,9 +82,10 @@ SD15_UNET_CONFIG = dict(
 )
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEXT_TOKENS, TEXT_DIM = 77, 768
-TRAIN_MODES = ("floor", "lora", "lora_r8", "peft_boft", "ours")
+TRAIN_MODES = ("floor", "lora", "lora_r8", "peft_boft", "peft_oft", "ours", "ours_m1")
 INFER_MODES = ("infer_base", "infer_unmerged", "infer_fused")
-DEFAULT_MODES = "floor,lora,lora_r8,peft_boft,ours,infer_base,infer_unmerged,infer_fused"
+DEFAULT_MODES = "floor,lora,lora_r8,peft_boft,peft_oft,ours,ours_m1,infer_base,infer_unmerged,infer_fused"
+MODELS = ("sd15", "tiny")
 COST_RULE_MODES = ("ours:input", "ours:weight", "infer_unmerged:input", "infer_unmerged:weight", "sides")
 
 
@@ -130,11 +140,32 @@ def force_side(side: str) -> None:
     layers.rotate_input_side = lambda *args, **kwargs: side == "input"
 
 
-def build_unet(weights: str | None, device):
+def use_model(args) -> None:
+    """Point the child's settings at its model: the tiny model trains as the demo does."""
+    args.text_tokens, args.text_dim = TEXT_TOKENS, TEXT_DIM
+    if args.model == "tiny":
+        from boft_diffusion.tiny import model_path
+
+        vae = json.loads((Path(model_path()) / "vae" / "config.json").read_text())
+        text = json.loads((Path(model_path()) / "text_encoder" / "config.json").read_text())
+        args.latent = args.tiny_pixels // 2 ** (len(vae["block_out_channels"]) - 1)
+        args.batch, args.factors = args.tiny_batch, args.tiny_factors
+        args.text_tokens, args.text_dim = text["max_position_embeddings"], text["hidden_size"]
+
+
+def model_settings(args) -> dict:
+    return {k: getattr(args, k) for k in ("model", "latent", "batch", "infer_batch", "block_size", "factors")}
+
+
+def build_unet(weights: str | None, device, model: str = "sd15"):
     import torch
     from diffusers import UNet2DConditionModel
 
-    if weights and Path(weights).is_file():
+    if model == "tiny":
+        from boft_diffusion.tiny import model_path
+
+        unet = UNet2DConditionModel.from_pretrained(Path(model_path()) / "unet", local_files_only=True)
+    elif weights and Path(weights).is_file():
         with torch.device("meta"):
             unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
         unet.load_state_dict(torch.load(weights, weights_only=True), assign=True)
@@ -145,10 +176,10 @@ def build_unet(weights: str | None, device):
     return unet.to(device)
 
 
-def boft_config(args):
+def boft_config(args, factors: int | None = None):
     from boft_diffusion import BOFTConfig
 
-    return BOFTConfig(block_size=args.block_size, n_butterfly_factors=args.factors, target_modules=TARGETS)
+    return BOFTConfig(block_size=args.block_size, n_butterfly_factors=factors or args.factors, target_modules=TARGETS)
 
 
 def projection_sizes(unet) -> list[tuple[str, int, int]]:
@@ -194,7 +225,7 @@ def inputs(batch: int, args, device, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     latents = torch.randn(batch, 4, args.latent, args.latent, generator=g)
     timesteps = torch.randint(0, 1000, (batch,), generator=g)
-    text = torch.randn(batch, TEXT_TOKENS, TEXT_DIM, generator=g)
+    text = torch.randn(batch, args.text_tokens, args.text_dim, generator=g)
     target = torch.randn(batch, 4, args.latent, args.latent, generator=g)
     return [t.to(device) for t in (latents, timesteps, text, target)]
 
@@ -249,10 +280,17 @@ def setup_training(mode: str, unet, args, info: dict):
             if p.requires_grad
         )
         info["peft_P_buffers_gb"] = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "boft_P" in n) / 2**30
-    elif mode == "ours":
+    elif mode == "peft_oft":
+        from peft import OFTConfig, get_peft_model
+
+        config = OFTConfig(target_modules=TARGETS, oft_block_size=args.block_size, r=0, module_dropout=0.0)
+        info["peft_oft_cayley_neumann"] = config.use_cayley_neumann  # PEFT's default: the fast approximate Cayley
+        model = get_peft_model(unet, config)
+        params = [p for p in model.parameters() if p.requires_grad]
+    elif mode in ("ours", "ours_m1"):
         from boft_diffusion import add_boft, boft_parameters
 
-        add_boft(unet, boft_config(args))
+        add_boft(unet, boft_config(args, 1 if mode == "ours_m1" else None))
         params = boft_parameters(unet)
     else:
         raise ValueError(mode)
@@ -265,7 +303,7 @@ def run_training(mode: str, side: str, args, device) -> dict:
 
     info: dict = {"kind": "train"}
     force_side(side)
-    unet = build_unet(args.weights, device)
+    unet = build_unet(args.weights, device, args.model)
     model, params = setup_training(mode, unet, args, info)
     model.train()
     latents, timesteps, text, target = inputs(args.batch, args, device)
@@ -322,7 +360,7 @@ def run_inference(mode: str, side: str, args, device) -> dict:
 
     info: dict = {"kind": "infer", "params": 0}
     force_side(side)
-    unet = build_unet(args.weights, device).eval()
+    unet = build_unet(args.weights, device, args.model).eval()
     latents, timesteps, text, _ = inputs(args.infer_batch, args, device)
     if mode != "infer_base":
         add_boft(unet, boft_config(args))
@@ -403,7 +441,7 @@ def run_sides(args, device) -> dict:
             tokens = batch * tokens_per_sample
             x = torch.randn(batch, tokens_per_sample, d, generator=g).to(device)
             dy = torch.randn(batch, tokens_per_sample, out_features, generator=g).to(device)
-            row[f"{phase}_auto"] = "input" if original_rule(tokens, [rotation], out_features, grad) else "weight"
+            row[f"{phase}_auto"] = "input" if original_rule(tokens, [rotation], out_features, grad, device) else "weight"
             for side in ("base", "input", "weight"):
                 layers.rotate_input_side = lambda *a, side=side, **k: side == "input"
                 if grad:
@@ -439,6 +477,7 @@ def child_main(args) -> None:
     torch.set_num_threads(args.threads)
     torch.set_num_interop_threads(1)
     device = torch.device(args.device)
+    use_model(args)
     mode, _, side = args.child.partition(":")
     side = side or args.force_side
     start = time.perf_counter()
@@ -454,8 +493,8 @@ def child_main(args) -> None:
         result = run_sides(args, device)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
-    result.update(mode=args.child, side=side if mode in ("ours", "infer_unmerged", "infer_fused") else None,
-                  wall_s=time.perf_counter() - start)
+    result.update(mode=args.child, side=side if mode in ("ours", "ours_m1", "infer_unmerged", "infer_fused") else None,
+                  wall_s=time.perf_counter() - start, settings=model_settings(args))
     if device.type == "cuda":
         result["cuda_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
     Path(args.result).write_text(json.dumps(result, indent=1))
@@ -494,14 +533,18 @@ def ratio(a, b):
 
 
 def markdown(results: dict, args) -> str:
-    by = {r["mode"]: r for r in results.values()}
+    """The tables of one model's modes."""
+    by = {r["mode"]: r for r in results.values() if r.get("kind") != "failed"}
+    if not by:
+        return "(every mode failed)"
+    st = next(iter(by.values()))["settings"]
     floor, lora, lora8 = by.get("floor"), by.get("lora"), by.get("lora_r8")
     key = "time_s" if args.device == "cuda" else "cpu_s"
     t = lambda r: r[key] if r else None  # noqa: E731
     clock = "wall" if key == "time_s" else "process CPU"
     lines = [
-        f"Training step (forward + backward + AdamW), batch {args.batch}, {args.latent}x{args.latent} latents, "
-        f"b={args.block_size}, m={args.factors}, {args.threads} thread(s), median of {args.steps} step(s) "
+        f"Training step (forward + backward + AdamW), batch {st['batch']}, {st['latent']}x{st['latent']} latents, "
+        f"b={st['block_size']}, m={st['factors']}, {args.threads} thread(s), median of {args.steps} step(s) "
         f"({args.peft_steps} for peft_boft) after 1 warmup; ratios use {clock} time:",
         "",
         "| mode | params | step wall (s) | step CPU (s) | / floor | / LoRA matched | / LoRA r8 "
@@ -516,6 +559,10 @@ def markdown(results: dict, args) -> str:
             label = f"{name} (r={r['rank']})"
         if name == "peft_boft":
             label = f"peft_boft (m={r.get('peft_boft_R_leading_dim')})"
+        if name == "peft_oft":
+            label = "peft_oft (m=1" + (", Cayley-Neumann)" if r.get("peft_oft_cayley_neumann") else ")")
+        if name == "ours_m1":
+            label = "ours (m=1)"
         params = f"{r['params']:,}"
         if "effective_params" in r:
             params += f" ({r['effective_params']:,} effective)"
@@ -549,7 +596,7 @@ def markdown(results: dict, args) -> str:
         lines += [
             "",
             f"Cost rule, per projection kind (one call, {clock} ms = frozen matmul + rotation; train = forward + "
-            f"backward at batch {args.batch}, infer = forward at batch {args.infer_batch}; count = calls per UNet step):",
+            f"backward at batch {st['batch']}, infer = forward at batch {args.infer_batch}; count = calls per UNet step):",
             "",
             "| projection | d -> out | tokens/sample | count | train base / input / weight (ms) | auto | winner "
             "| infer base / input / weight (ms) | auto | winner |",
@@ -576,6 +623,37 @@ def markdown(results: dict, args) -> str:
     return "\n".join(lines)
 
 
+def report_markdown(report: dict, args) -> str:
+    """Every model's tables, each under its name."""
+    names = {"sd15": "SD 1.5 UNet (random init)", "tiny": "Embedded tiny model (the demo's setting)"}
+    return "\n\n".join(f"#### {names.get(model, model)}\n\n{markdown(results, args)}"
+                        for model, results in report["results"].items())
+
+
+def run_mode(model: str, mode: str, args, weights: str, tmp: Path, forwarded: list[str], out: Path) -> dict:
+    """One child process for (model, mode); its result, or a 'failed' record."""
+    result_file = tmp / f"{model}_{mode.replace(':', '_')}.json"
+    cmd = [sys.executable, __file__, f"--child={mode}", f"--model={model}", f"--result={result_file}",
+           f"--weights={weights}", *forwarded]
+    if args.profile:
+        cmd.append("--profile")
+    print(f"[bench] {model} {mode} ...", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd)
+    if proc.returncode != 0 or not result_file.is_file():
+        print(f"[bench] {model} {mode} FAILED (exit {proc.returncode})", flush=True)
+        return {"mode": mode, "kind": "failed", "returncode": proc.returncode}
+    result = json.loads(result_file.read_text())
+    if "profile" in result:
+        prof_path = out.with_suffix(f".{model}.{mode.replace(':', '_')}.profile.txt")
+        prof_path.write_text(result.pop("profile"))
+        result["profile_file"] = str(prof_path)
+    print(f"[bench] {model} {mode}: " + ", ".join(
+        f"{k}={v:.3f}" for k, v in result.items() if isinstance(v, float) and k != "wall_s"
+    ) + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return result
+
+
 def parent_main(args) -> None:
     modes = [m for m in args.modes.split(",") if m]
     if args.cost_rule:
@@ -584,53 +662,42 @@ def parent_main(args) -> None:
         base = m.split(":")[0]
         if base not in TRAIN_MODES + INFER_MODES + ("sides",):
             raise SystemExit(f"unknown mode {m!r}; choose from {TRAIN_MODES + INFER_MODES + ('sides',)}")
+    models = [m for m in args.models.split(",") if m]
+    if not models or any(m not in MODELS for m in models):
+        raise SystemExit(f"--models takes a comma separated subset of {MODELS}, got {args.models!r}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    report = {"machine": machine_info(args), "settings": vars(args) | {"modes": modes}, "results": {}}
+    report = {"machine": machine_info(args), "settings": vars(args) | {"modes": modes, "models": models},
+              "results": {model: {} for model in models}}
     forwarded = [
         f"--{k}={v}" for k, v in vars(args).items()
-        if k not in ("modes", "out", "child", "result", "cost_rule", "profile", "weights", "keep_weights") and v is not None
+        if k not in ("modes", "models", "model", "out", "child", "result", "cost_rule", "profile", "weights", "keep_weights")
+        and v is not None
     ]
     tmp = Path(tempfile.mkdtemp(prefix="boft_bench_"))
     weights = args.weights or str(tmp / "sd15_unet_random.pt")
     start = time.perf_counter()
     try:
-        if not Path(weights).is_file():  # random init once, loaded by every mode (same weights, faster start)
+        if "sd15" in models and not Path(weights).is_file():  # random init once, loaded by every mode
             print(f"[bench] building the SD1.5 UNet (random init, seed 0) -> {weights}", flush=True)
             subprocess.run([sys.executable, __file__, "--child=_weights", f"--result={tmp / 'w.json'}",
                             f"--weights={weights}", *forwarded], check=True)
-        for mode in modes:
-            result_file = tmp / f"{mode.replace(':', '_')}.json"
-            cmd = [sys.executable, __file__, f"--child={mode}", f"--result={result_file}", f"--weights={weights}", *forwarded]
-            if args.profile:
-                cmd.append("--profile")
-            print(f"[bench] {mode} ...", flush=True)
-            t0 = time.perf_counter()
-            proc = subprocess.run(cmd)
-            if proc.returncode != 0 or not result_file.is_file():
-                report["results"][mode] = {"mode": mode, "kind": "failed", "returncode": proc.returncode}
-                print(f"[bench] {mode} FAILED (exit {proc.returncode})", flush=True)
-                continue
-            result = json.loads(result_file.read_text())
-            report["results"][mode] = result
-            if "profile" in result:
-                prof_path = out.with_suffix(f".{mode.replace(':', '_')}.profile.txt")
-                prof_path.write_text(result.pop("profile"))
-                result["profile_file"] = str(prof_path)
-            print(f"[bench] {mode}: " + ", ".join(
-                f"{k}={v:.3f}" for k, v in result.items() if isinstance(v, float) and k != "wall_s"
-            ) + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
+        for model in models:
+            for mode in modes:
+                if mode == "sides" and model != "sd15":
+                    continue
+                report["results"][model][mode] = run_mode(model, mode, args, weights, tmp, forwarded, out)
     finally:
         for f in tmp.glob("*"):
             if not (args.keep_weights and str(f) == weights):
                 f.unlink()
-        if args.keep_weights and not args.weights:
+        if args.keep_weights and not args.weights and Path(weights).is_file():
             print(f"[bench] kept {weights}; pass --weights={weights} to reuse it", flush=True)
         else:
-            tmp.rmdir()
+            shutil.rmtree(tmp, ignore_errors=True)
     report["machine"]["loadavg_end"] = os.getloadavg()
     report["total_wall_s"] = time.perf_counter() - start
-    table = markdown(report["results"], args)
+    table = report_markdown(report, args)
     report["markdown"] = table
     out.write_text(json.dumps(report, indent=1) + "\n")
     print()
@@ -651,6 +718,10 @@ def main(argv=None) -> None:
     p.add_argument("--cost_rule", action="store_true", help=f"also run {', '.join(COST_RULE_MODES)}")
     p.add_argument("--force_side", choices=("auto", "input", "weight"), default="auto",
                    help="force rotate_input_side for ours / infer_unmerged (default: the library's rule)")
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma separated subset of {MODELS}")
+    p.add_argument("--tiny_batch", type=int, default=8, help="tiny model: training batch (the demo's)")
+    p.add_argument("--tiny_pixels", type=int, default=32, help="tiny model: image side in pixels (latents: /2)")
+    p.add_argument("--tiny_factors", type=int, default=3, help="tiny model: butterfly factors m (the demo's; d=32 fits m <= 3)")
     p.add_argument("--block_size", type=int, default=8)
     p.add_argument("--factors", type=int, default=4, help="butterfly factors m")
     p.add_argument("--threads", type=int, default=1, help="torch threads in every mode (same for all, so contention is shared)")
@@ -660,6 +731,7 @@ def main(argv=None) -> None:
     p.add_argument("--keep_weights", action="store_true", help="keep the temporary weights file")
     p.add_argument("--profile", action="store_true", help="torch.profiler table of one extra step of 'ours'")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--model", default="sd15", choices=MODELS, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
