@@ -86,6 +86,7 @@ TRAIN_MODES = ("floor", "lora", "lora_r8", "peft_boft", "peft_oft", "ours", "our
 INFER_MODES = ("infer_base", "infer_unmerged", "infer_fused")
 DEFAULT_MODES = "floor,lora,lora_r8,peft_boft,peft_oft,ours,ours_m1,infer_base,infer_unmerged,infer_fused"
 MODELS = ("sd15", "tiny")
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 COST_RULE_MODES = ("ours:input", "ours:weight", "infer_unmerged:input", "infer_unmerged:weight", "sides")
 
 
@@ -154,10 +155,17 @@ def use_model(args) -> None:
 
 
 def model_settings(args) -> dict:
-    return {k: getattr(args, k) for k in ("model", "latent", "batch", "infer_batch", "block_size", "factors")}
+    return {k: getattr(args, k) for k in ("model", "latent", "batch", "infer_batch", "block_size", "factors", "dtype")}
 
 
-def build_unet(weights: str | None, device, model: str = "sd15"):
+def torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, DTYPES[name])
+
+
+def build_unet(weights: str | None, device, model: str = "sd15", args_dtype: str = "fp32"):
+    """The frozen UNet in the weight dtype (fp16/bf16: as mixed-precision trainers keep it)."""
     import torch
     from diffusers import UNet2DConditionModel
 
@@ -173,7 +181,7 @@ def build_unet(weights: str | None, device, model: str = "sd15"):
         torch.manual_seed(0)
         unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
     unet.requires_grad_(False)
-    return unet.to(device)
+    return unet.to(device, dtype=torch_dtype(args_dtype))
 
 
 def boft_config(args, factors: int | None = None):
@@ -303,7 +311,7 @@ def run_training(mode: str, side: str, args, device) -> dict:
 
     info: dict = {"kind": "train"}
     force_side(side)
-    unet = build_unet(args.weights, device, args.model)
+    unet = build_unet(args.weights, device, args.model, args.dtype)
     model, params = setup_training(mode, unet, args, info)
     model.train()
     latents, timesteps, text, target = inputs(args.batch, args, device)
@@ -316,7 +324,8 @@ def run_training(mode: str, side: str, args, device) -> dict:
     optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=1e-2)
 
     def step():
-        pred = model(latents, timesteps, encoder_hidden_states=text).sample
+        with torch.autocast(device.type, dtype=torch_dtype(args.dtype), enabled=args.dtype != "fp32"):
+            pred = model(latents, timesteps, encoder_hidden_states=text).sample
         loss = F.mse_loss(pred.float(), target.float())
         loss.backward()
         optimizer.step()
@@ -360,8 +369,9 @@ def run_inference(mode: str, side: str, args, device) -> dict:
 
     info: dict = {"kind": "infer", "params": 0}
     force_side(side)
-    unet = build_unet(args.weights, device, args.model).eval()
+    unet = build_unet(args.weights, device, args.model, args.dtype).eval()
     latents, timesteps, text, _ = inputs(args.infer_batch, args, device)
+    latents, text = latents.to(torch_dtype(args.dtype)), text.to(torch_dtype(args.dtype))
     if mode != "infer_base":
         add_boft(unet, boft_config(args))
         randomize_boft(unet, std=0.1, generator=torch.Generator().manual_seed(1))
@@ -544,7 +554,8 @@ def markdown(results: dict, args) -> str:
     clock = "wall" if key == "time_s" else "process CPU"
     lines = [
         f"Training step (forward + backward + AdamW), batch {st['batch']}, {st['latent']}x{st['latent']} latents, "
-        f"b={st['block_size']}, m={st['factors']}, {args.threads} thread(s), median of {args.steps} step(s) "
+        f"b={st['block_size']}, m={st['factors']}, {st.get('dtype', 'fp32')} weights"
+        f"{' + autocast' if st.get('dtype', 'fp32') != 'fp32' else ''}, {args.threads} thread(s), median of {args.steps} step(s) "
         f"({args.peft_steps} for peft_boft) after 1 warmup; ratios use {clock} time:",
         "",
         "| mode | params | step wall (s) | step CPU (s) | / floor | / LoRA matched | / LoRA r8 "
@@ -726,6 +737,8 @@ def main(argv=None) -> None:
     p.add_argument("--factors", type=int, default=4, help="butterfly factors m")
     p.add_argument("--threads", type=int, default=1, help="torch threads in every mode (same for all, so contention is shared)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
+                   help="frozen weights' dtype; fp16/bf16 train under autocast with fp32 adapters (mixed precision)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu.json"))
     p.add_argument("--weights", default=None, help="cached random-init state dict (made once per run when absent)")
     p.add_argument("--keep_weights", action="store_true", help="keep the temporary weights file")

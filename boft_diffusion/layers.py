@@ -130,7 +130,12 @@ class RotationGroup:
         self.members, self._rounds = state["members"], {}
 
     def tensors(self, rotation: "ButterflyRotation", want_chunks: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(blocks (m, d/b, b, b), chunks of R (d/c, c, c) or None) for `rotation` now."""
+        """(blocks (m, d/b, b, b), chunks of R (d/c, c, c) or None) for `rotation` now, in fp32
+        (or the skew's wider dtype) whatever autocast says."""
+        with torch.autocast(rotation.boft_skew.device.type, enabled=False):
+            return self._tensors(rotation, want_chunks)
+
+    def _tensors(self, rotation: "ButterflyRotation", want_chunks: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         rotation._wants_chunks = want_chunks or bool(rotation._wants_chunks)
         key = rotation._tensor_key()
         if rotation._fresh_dropout():  # its own seeded masks every call
