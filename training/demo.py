@@ -36,6 +36,15 @@ METRICS = {
 }
 
 
+# Segmentation maps are dense (whole regions of one colour, not a few dots): at the landmark
+# settings the control head's first steps killed its units for good (loss spike at steps 500-750,
+# then one output for every map); a ramp and a slower head keep it alive.
+TASK_DEFAULTS = {
+    "landmarks": {"lr_warmup_steps": 0, "control_head_lr": None},
+    "segmentation": {"lr_warmup_steps": 200, "control_head_lr": 1e-3},
+}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--pretrained_model_name_or_path", default=None, help="Base model (default: the embedded tiny model).")
@@ -44,9 +53,10 @@ def parse_args(argv=None):
     p.add_argument("--max_train_steps", type=int, default=4000)
     p.add_argument("--learning_rate", type=float, default=3e-3)
     p.add_argument("--lr_scheduler", default="cosine", help="Decaying the rate steadies the end of a short run.")
-    p.add_argument("--lr_warmup_steps", type=int, default=0)
+    p.add_argument("--lr_warmup_steps", type=int, default=None, help="Default: 0 (landmarks), 200 (segmentation).")
     p.add_argument("--train_batch_size", type=int, default=8)
-    p.add_argument("--control_head_lr", type=float, default=None)
+    p.add_argument("--control_head_lr", type=float, default=None,
+                   help="Default: --learning_rate (landmarks), 1e-3 (segmentation).")
     p.add_argument("--timestep_sampling", choices=["uniform", "cubic"], default="cubic")
     p.add_argument("--boft_block_size", type=int, default=8)
     p.add_argument("--boft_n_butterfly_factors", type=int, default=3)
@@ -60,6 +70,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.output_dir is None:
         args.output_dir = "outputs/demo" if args.task == "landmarks" else "outputs/demo-seg"
+    for name, value in TASK_DEFAULTS[args.task].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.num_threads is not None and args.num_threads < 1:
         p.error("--num_threads must be at least 1.")
     return args
