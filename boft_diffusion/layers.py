@@ -73,13 +73,16 @@ class Cayley(torch.autograd.Function):
             skew = flat.view(*packed.shape[:-1], block_size, block_size)  # (..., b, b)
             eye = torch.eye(block_size, dtype=dtype, device=packed.device)
             blocks = torch.linalg.solve(eye + skew, eye - skew)
-        ctx.save_for_backward(blocks)
+        # Kept on ctx, detached, rather than saved: it is this node's own output, and a round runs
+        # under identity saved-tensor hooks (RotationGroup.tensors), which would make a saved
+        # output a reference cycle freed only by the garbage collector.
+        ctx.blocks = blocks.detach()
         ctx.packed_dtype = packed.dtype
         return blocks
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (blocks,) = ctx.saved_tensors
+        blocks = ctx.blocks
         b = blocks.shape[-1]
         k = blocks + torch.eye(b, dtype=blocks.dtype, device=blocks.device)  # 2 (I + S)^-1
         grad_skew = torch.matmul(torch.matmul(k.mT, grad.to(blocks.dtype)), k.mT).mul_(-0.5)  # (..., b, b)
@@ -131,8 +134,10 @@ class RotationGroup:
 
     def tensors(self, rotation: "ButterflyRotation", want_chunks: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(blocks (m, d/b, b, b), chunks of R (d/c, c, c) or None) for `rotation` now, in fp32
-        (or the skew's wider dtype) whatever autocast says."""
-        with torch.autocast(rotation.boft_skew.device.type, enabled=False):
+        (or the skew's wider dtype) whatever autocast says. A round's own saved tensors are kept
+        as they are even inside a checkpointed region (identity hooks shadow checkpoint's): the
+        round serves other regions too, so recomputing one region must not redo it."""
+        with torch.autocast(rotation.boft_skew.device.type, enabled=False), _keep_saved_tensors():
             return self._tensors(rotation, want_chunks)
 
     def _tensors(self, rotation: "ButterflyRotation", want_chunks: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -180,6 +185,14 @@ class RotationGroup:
     def _spend(self, compat, entries) -> None:
         if compat in self._rounds and self._rounds[compat][0] is entries:
             del self._rounds[compat]
+
+
+def _keep_saved_tensors():
+    return torch.autograd.graph.saved_tensors_hooks(_same, _same)
+
+
+def _same(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 def _compute(members: Sequence["ButterflyRotation"], blocks: torch.Tensor | None = None):

@@ -1,0 +1,160 @@
+"""The training hot path (layers.RotatedLinear, RotationGroup, kernels.chunks) equals the plain math.
+
+Speed itself is measured by benchmarks/bench_training.py, never asserted here; these tests pin
+what the fast path must keep: equal outputs and gradients, one saved input, per-step batching
+that survives gradient accumulation, checkpointing, autocast and deepcopy.
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from boft_diffusion import layers
+from boft_diffusion.butterfly import cayley, chunk_matrices, factor_order, num_skew_params, rotate_rows
+from boft_diffusion.kernels import chunks as chunk_ops
+from boft_diffusion.layers import BOFTLinear, ButterflyRotation, Cayley, RotatedLinear, link_rotations
+
+
+def packed(m, d, b, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(m, d // b, num_skew_params(b), generator=g, dtype=dtype) * 0.5
+
+
+def test_cayley_function_equals_the_solve_and_its_gradient_is_exact():
+    p = packed(3, 20, 4)
+    assert torch.equal(Cayley.apply(p, 4), cayley(p, 4))
+    assert torch.autograd.gradcheck(lambda p: Cayley.apply(p, 4), (p.requires_grad_(True),))
+
+
+@pytest.mark.parametrize("d,b,m,active", [(64, 8, 4, None), (48, 4, 3, None), (24, 3, 1, None),
+                                          (64, 8, 4, (True, False, True, True)), (64, 8, 4, (False, False, True, False))])
+def test_chunk_build_equals_the_factored_chunks(d, b, m, active):
+    blocks = cayley(packed(m, d, b), b)
+    factors = tuple(sorted(factor_order(m, active, False)))
+    built = chunk_ops.BuildChunks.apply(blocks, factors)
+    torch.testing.assert_close(built, chunk_matrices(blocks, factor_order(m, active, False)), atol=1e-12, rtol=0)
+    torch.testing.assert_close(built.mT, chunk_matrices(blocks, factor_order(m, active, True), True), atol=1e-12, rtol=0)
+    assert torch.autograd.gradcheck(lambda q: chunk_ops.BuildChunks.apply(q, factors), (blocks.requires_grad_(True),))
+
+
+def test_rotated_linear_gradients_are_exact():
+    d, o, b = 32, 24, 4
+    g = torch.Generator().manual_seed(1)
+    x, weight = torch.randn(2, 3, d, generator=g, dtype=torch.float64), torch.randn(o, d, generator=g, dtype=torch.float64)
+    bias, scale = torch.randn(o, generator=g, dtype=torch.float64), torch.randn(o, generator=g, dtype=torch.float64)
+    chunks = chunk_ops.BuildChunks.apply(cayley(packed(3, d, b, 2), b), (0, 1, 2))
+    blocks = cayley(packed(3, d, b, 3), b)
+    stages = (("chunks",), ("blocks", (2, 1, 0)))
+    inputs = [t.requires_grad_(True) for t in (x, weight, bias, scale, chunks, blocks)]
+    assert torch.autograd.gradcheck(lambda x, w, bias, s, c, q: RotatedLinear.apply(x, w, bias, s, stages, c, q), inputs)
+
+
+@pytest.mark.parametrize("tokens", [2, 300])  # few tokens: factored blocks; many: chunks
+def test_boft_linear_equals_the_dense_math_for_composed_and_fractional_adapters(tokens):
+    d, o, b = 32, 24, 4
+    linear = nn.Linear(d, o).requires_grad_(False)
+    rotations = [ButterflyRotation(d, o, b, 3, init="random"), ButterflyRotation(d, o, b, 2, init="random")]
+    rotations[0].set_active((1.0, 0.5, 1.0))
+    x = torch.randn(tokens, d, requires_grad=True)
+    y = layers.boft_linear(x, linear, rotations)
+    z = x
+    for r in rotations:
+        z = rotate_rows(z, cayley(r.scaled_skew(), b), r.active)
+    expected = (z @ linear.weight.T) * rotations[0].boft_s * rotations[1].boft_s + linear.bias
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=0)
+    params = [x] + [p for r in rotations for p in r.parameters()]
+    dy = torch.randn_like(y)
+    for got, want in zip(torch.autograd.grad(y, params, dy), torch.autograd.grad(expected, params, dy)):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def linked(n=3, d=64, seed=0):
+    torch.manual_seed(seed)
+    wraps = []
+    for _ in range(n):
+        w = BOFTLinear(nn.Linear(d, d).requires_grad_(False))
+        w.boft["a"] = ButterflyRotation(d, d, 8, 3, init="random")
+        w.active_adapters = ["a"]
+        wraps.append(w)
+    return wraps, [w.boft["a"] for w in wraps]
+
+
+def loss_of(wraps, x):
+    return sum((w(x) ** 2).sum() for w in wraps)
+
+
+def test_q_k_v_save_their_shared_input_once_and_no_copy_of_it():
+    wraps, _ = linked()
+    x = torch.randn(2, 100, 64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        sum(w(x).sum() for w in wraps)  # a loss that saves nothing itself
+    sized_like_x = [t for t in saved if t.numel() == x.numel()]
+    assert {t.data_ptr() for t in sized_like_x if t.data_ptr() != 0} >= {x.data_ptr()}
+    # x itself in each node, plus each projection's matmul output u (for dL/ds); nothing else token-sized
+    assert sum(t.data_ptr() == x.data_ptr() for t in sized_like_x) == 3 and len(sized_like_x) == 6
+
+
+def test_linked_rotations_give_the_same_gradients_and_survive_accumulation_and_deepcopy():
+    x = torch.randn(200, 64)
+    (solo, solo_rot), (group, group_rot) = linked(), linked()
+    link_rotations(group_rot)
+    loss_of(solo, x).backward()
+    loss_of(group, x).backward()
+    for a, b in zip(solo_rot, group_rot):
+        torch.testing.assert_close(a.boft_skew.grad, b.boft_skew.grad, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.boft_s.grad, b.boft_s.grad, atol=1e-4, rtol=1e-5)
+    first = [r.boft_skew.grad.clone() for r in group_rot]
+    loss_of(group, x)  # a forward whose round is never used: the next one must not reuse its graph
+    copy.deepcopy(nn.ModuleList(group))  # a round holding graph tensors is not copied
+    loss_of(group, x).backward()  # same skew versions: a new round, not the spent graph
+    for r, g in zip(group_rot, first):
+        torch.testing.assert_close(r.boft_skew.grad, 2 * g, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_recomputes_rounds_correctly(reentrant):
+    x = torch.randn(200, 64, requires_grad=True)
+    (plain, plain_rot), (ckpt, ckpt_rot) = linked(), linked()
+    link_rotations(plain_rot)
+    link_rotations(ckpt_rot)
+    loss_of(plain, x).backward()
+    total = sum(checkpoint(lambda x, w=w: (w(x) ** 2).sum(), x, use_reentrant=reentrant) for w in ckpt)
+    total.backward()
+    for a, b in zip(plain_rot, ckpt_rot):
+        torch.testing.assert_close(a.boft_skew.grad, b.boft_skew.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_sampling_computes_blocks_once_for_the_group_until_something_changes(monkeypatch):
+    wraps, rotations = linked()
+    link_rotations(rotations)
+    calls = []
+    real = Cayley.apply
+    monkeypatch.setattr(Cayley, "apply", lambda *a: calls.append(a[0].shape) or real(*a))
+    x = torch.randn(50, 64)
+    with torch.no_grad():
+        first = [w(x) for w in wraps]
+        assert len(calls) == 3  # first use: each on its own (the group learns who is used)
+        again = [w(x) for w in wraps]
+        assert len(calls) == 3 and all(torch.equal(a, b) for a, b in zip(first, again))
+        for r in rotations:
+            r.set_active((1.0, 1.0, 0.0))
+        [w(x) for w in wraps]
+    assert len(calls) == 4 and calls[-1][1] == 3 * 64 // 8  # one batched solve for all three
+
+
+def test_training_under_bf16_autocast_keeps_rotations_in_fp32():
+    wraps, rotations = linked()
+    link_rotations(rotations)
+    x = torch.randn(200, 64)
+    reference = [w(x) for w in wraps]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = [w(x) for w in wraps]
+    assert all(o.dtype == torch.bfloat16 for o in out)
+    for o, r in zip(out, reference):
+        torch.testing.assert_close(o.float(), r, atol=0.1, rtol=0.02)
+    sum((o.float() ** 2).sum() for o in out).backward()
+    assert all(r.boft_skew.grad.dtype == torch.float32 and torch.isfinite(r.boft_skew.grad).all() for r in rotations)
