@@ -3,7 +3,7 @@ segmentation sets, turned into (image, control image, caption) tensors.
 
 Landmarks may come as control images (the CelebA-HQ control format) or as point lists, which
 are rendered into dot images; segmentation as colour maps or class-index maps, which are
-rendered with a palette.
+rendered with ADE20K's palette.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from boft_diffusion.data import SEG_PALETTE, make_dataset, render_landmarks
+from boft_diffusion.data import make_dataset, render_ade20k_annotation, render_landmarks
 from training import conditioning
 from training.common import positive
 from training.images import read_image, to_rgb
@@ -107,15 +107,6 @@ def check_columns(columns: list[str], args) -> None:
         )
 
 
-def render_class_map(classes: np.ndarray) -> Image.Image:
-    """Class-index map -> colour map: our palette for its classes, then a fixed pseudo-random one."""
-    classes = np.asarray(classes, np.int64)
-    rng = np.random.default_rng(0)
-    extra = rng.integers(0, 256, size=(max(256, int(classes.max()) + 1), 3), dtype=np.uint8)
-    palette = np.concatenate([SEG_PALETTE, extra[len(SEG_PALETTE):]])
-    return Image.fromarray(palette[classes].astype(np.uint8))
-
-
 def resize_crop_geometry(width: int, height: int, size: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """((resized width, height), (left, top) of the centre crop): shorter side to `size`, then a size x size crop."""
     scale = size / min(width, height)
@@ -147,8 +138,8 @@ def control_image_of(row: dict, args, resolution: int, what: str, image_size: tu
     that resize and crop put them."""
     if args.conditioning_image_column in row and row[args.conditioning_image_column] is not None:
         image = read_image(row[args.conditioning_image_column], f"conditioning image of {what}", root)
-        if args.task == "segmentation" and image.mode in ("L", "I", "I;16"):  # class indices, not colours
-            image = render_class_map(np.asarray(image))
+        if args.task == "segmentation" and image.mode in ("L", "I", "I;16"):  # ADE20K class indices, not colours
+            image = render_ade20k_annotation(np.asarray(image))
         image = to_rgb(image)
     else:
         points = np.asarray(row[args.landmarks_column], np.float32).reshape(-1, 2)
