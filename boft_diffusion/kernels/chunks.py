@@ -7,10 +7,10 @@ m factors one by one costs m * b * d per row but needs a reorder copy around eac
 matmul (`butterfly.apply_factor`), and runs several times slower than its flop count.
 
 Building the chunks (`BuildChunks`) goes level by level, lowest factor first: factor i as dense
-(c_i x c_i) chunks times the product so far, which is block diagonal at that level; one batched
-matmul per level, so building the chunks of every projection of a UNet at once is a handful of calls.
+(c_i x c_i) chunks times the product so far, embedded block-diagonally; one batched matmul per
+level, so building the chunks of every projection of a UNet at once is a handful of calls.
 
-    R = B_{m-1} ... B_1 B_0,   chunk(R) = chunk(B_top) blockdiag(chunks(B_.. ... B_0))
+    R = B_{m-1} ... B_1 B_0,   chunk_k(R) = chunk(B_top) embed(chunk(B_.. ... B_0))
 
 Shapes: blocks (m, d/b, b, b); chunks (d/c, c, c); rows (..., d).
 """
@@ -45,33 +45,34 @@ def factor_chunks_grad(grad: torch.Tensor, factor: int, block_size: int) -> torc
     return g.permute(0, 5, 1, 2, 3, 4).reshape(-1, block_size, block_size)
 
 
-def _column_blocks(dense: torch.Tensor, small: int) -> torch.Tensor:
-    """(d/c, c, c) -> (d/c, k, c, c'), k = c / c': column block j of each chunk."""
-    n, c, _ = dense.shape
-    return dense.view(n, c, c // small, small).transpose(1, 2)
+def embed(chunks: torch.Tensor, size: int) -> torch.Tensor:
+    """(d/c', c', c') -> block diagonal (d/c, c, c), c = size (a multiple of c')."""
+    small = chunks.shape[-1]
+    k = size // small
+    out = chunks.new_zeros(chunks.shape[0] // k, k, small, k, small)  # (d/c, k, c', k, c')
+    out.diagonal(dim1=1, dim2=3).copy_(chunks.view(-1, k, small, small).permute(0, 2, 3, 1))
+    return out.view(-1, size, size)
 
 
-def _times_block_diagonal(dense: torch.Tensor, below: torch.Tensor) -> torch.Tensor:
-    """dense (d/c, c, c) @ blockdiag(below) for below (d/c', c', c'): column block j of a chunk
-    meets only below's j-th chunk, so k matmuls of c x c' (half the work of an embedded one)."""
-    n, c, _ = dense.shape
-    small = below.shape[-1]
-    out = torch.matmul(_column_blocks(dense, small), below.view(n, c // small, small, small))  # (d/c, k, c, c')
-    return out.transpose(1, 2).reshape(n, c, c)
+def unembed(grad: torch.Tensor, small: int) -> torch.Tensor:
+    """The diagonal c' x c' blocks of (d/c, c, c): (d/c', c', c')."""
+    k = grad.shape[-1] // small
+    g = grad.view(-1, k, small, k, small).diagonal(dim1=1, dim2=3)  # (d/c, c', c', k)
+    return g.permute(0, 3, 1, 2).reshape(-1, small, small)
 
 
 class BuildChunks(torch.autograd.Function):
     """Diagonal chunks (d/c, c, c) of R = B_{top} ... B_{low} (the active `factors`, ascending).
 
     Saves the blocks and the products below the top level (together half the size of the
-    result), so backward recomputes only the dense factor chunks (copies), no matmul."""
+    result), so backward recomputes only the cheap dense/embedded copies, no matmul."""
 
     @staticmethod
     def forward(ctx, blocks: torch.Tensor, factors: tuple[int, ...]) -> torch.Tensor:
         products = []
         for i in factors:
             dense = factor_chunks(blocks[i], i)  # (d/c_i, c_i, c_i)
-            products.append(dense if not products else _times_block_diagonal(dense, products[-1]))
+            products.append(dense if not products else torch.bmm(dense, embed(products[-1], dense.shape[-1])))
         ctx.save_for_backward(blocks, *products[:-1])
         ctx.factors = factors
         return products[-1].clone() if factors == (0,) else products[-1]  # (factor 0 alone is a view of blocks)
@@ -81,18 +82,13 @@ class BuildChunks(torch.autograd.Function):
         blocks, *products = ctx.saved_tensors
         factors = ctx.factors
         b = blocks.shape[-1]
-        grad = grad.to(blocks.dtype)  # under autocast the incoming gradient may be bf16/fp16; blocks are fp32
         grad_blocks = torch.zeros_like(blocks)
-        for j in range(len(factors) - 1, 0, -1):  # product_j = dense_j @ blockdiag(product_{j-1})
-            i, below = factors[j], products[j - 1]
-            n, c, _ = grad.shape
-            small = below.shape[-1]
-            below4 = below.view(n, c // small, small, small)  # (d/c, k, c', c')
-            grad4 = _column_blocks(grad, small)  # (d/c, k, c, c')
-            grad_dense = torch.matmul(grad4, below4.mT).transpose(1, 2).reshape(n, c, c)
-            grad_blocks[i] = factor_chunks_grad(grad_dense, i, b)
+        for j in range(len(factors) - 1, 0, -1):  # product_j = dense_j @ embed(product_{j-1})
+            i = factors[j]
             dense = factor_chunks(blocks[i], i)
-            grad = torch.matmul(_column_blocks(dense, small).mT, grad4).reshape(-1, small, small)  # (d/c', c', c')
+            below = embed(products[j - 1], dense.shape[-1])
+            grad_blocks[i] = factor_chunks_grad(torch.bmm(grad, below.mT), i, b)
+            grad = unembed(torch.bmm(dense.mT, grad), products[j - 1].shape[-1])
         grad_blocks[factors[0]] = factor_chunks_grad(grad, factors[0], b)
         return grad_blocks, None
 
