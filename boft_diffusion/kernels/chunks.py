@@ -61,18 +61,58 @@ def unembed(grad: torch.Tensor, small: int) -> torch.Tensor:
     return g.permute(0, 3, 1, 2).reshape(-1, small, small)
 
 
+def factor_halves(blocks: torch.Tensor, factor: int) -> torch.Tensor:
+    """Factor i's dense chunks split by output half s: (2 * d/c_i, c_i, c_i/2), [chunk, s] = F[:, s half].
+
+    Times a block-diagonal pair of c_i/2 chunks this is the next level's product with no
+    embedded zeros: F [P_0 0; 0 P_1] = [F[:, 0 half] P_0, F[:, 1 half] P_1]."""
+    b, pairs = blocks.shape[-1], 2**factor
+    half = b // 2
+    q = blocks.reshape(-1, pairs, 2, half, 2, half)  # (d/c_i, p, q, r, s, t)
+    out = blocks.new_zeros(q.shape[0], 2, 2, pairs, half, pairs, half)  # (d/c_i, s, q, p, r, p', t)
+    out.diagonal(dim1=3, dim2=5).copy_(q.permute(0, 4, 2, 3, 5, 1))  # p == p' only
+    return out.view(-1, b * pairs, b * pairs // 2)
+
+
+def factor_halves_grad(grad: torch.Tensor, factor: int, block_size: int) -> torch.Tensor:
+    """Block entries (d/b, b, b) of gradients shaped like `factor_halves`."""
+    pairs, half = 2**factor, block_size // 2
+    g = grad.reshape(-1, 2, 2, pairs, half, pairs, half).diagonal(dim1=3, dim2=5)  # (d/c_i, s, q, r, t, p)
+    return g.permute(0, 5, 2, 3, 1, 4).reshape(-1, block_size, block_size)
+
+
+def _level(blocks: torch.Tensor, factor: int, below: torch.Tensor) -> torch.Tensor:
+    """Chunks of B_factor times the block-diagonal product `below` (its chunks)."""
+    size = blocks.shape[-1] << factor
+    if factor > 0 and below.shape[-1] * 2 == size:
+        halves = torch.bmm(factor_halves(blocks[factor], factor), below)  # (2 d/c, c, c/2)
+        return halves.view(-1, 2, size, size // 2).transpose(1, 2).reshape(-1, size, size)
+    return torch.bmm(factor_chunks(blocks[factor], factor), embed(below, size))
+
+
+def _level_backward(blocks: torch.Tensor, factor: int, below: torch.Tensor, grad: torch.Tensor):
+    """(dL/dblocks[factor] (d/b, b, b), dL/dbelow) for out = _level(blocks, factor, below)."""
+    b, size, small = blocks.shape[-1], grad.shape[-1], below.shape[-1]
+    if factor > 0 and small * 2 == size:
+        halves = factor_halves(blocks[factor], factor)
+        g = grad.view(-1, size, 2, small).transpose(1, 2).reshape(-1, size, small)  # (2 d/c, c, c/2)
+        return factor_halves_grad(torch.bmm(g, below.mT), factor, b), torch.bmm(halves.mT, g)
+    dense = factor_chunks(blocks[factor], factor)
+    grad_blocks = factor_chunks_grad(torch.bmm(grad, embed(below, size).mT), factor, b)
+    return grad_blocks, unembed(torch.bmm(dense.mT, grad), small)
+
+
 class BuildChunks(torch.autograd.Function):
     """Diagonal chunks (d/c, c, c) of R = B_{top} ... B_{low} (the active `factors`, ascending).
 
     Saves the blocks and the products below the top level (together half the size of the
-    result), so backward recomputes only the cheap dense/embedded copies, no matmul."""
+    result), so backward recomputes only the cheap dense copies of the factors, no product."""
 
     @staticmethod
     def forward(ctx, blocks: torch.Tensor, factors: tuple[int, ...]) -> torch.Tensor:
-        products = []
-        for i in factors:
-            dense = factor_chunks(blocks[i], i)  # (d/c_i, c_i, c_i)
-            products.append(dense if not products else torch.bmm(dense, embed(products[-1], dense.shape[-1])))
+        products = [factor_chunks(blocks[factors[0]], factors[0])]  # (d/c_i, c_i, c_i)
+        for i in factors[1:]:
+            products.append(_level(blocks, i, products[-1]))
         ctx.save_for_backward(blocks, *products[:-1])
         ctx.factors = factors
         return products[-1].clone() if factors == (0,) else products[-1]  # (factor 0 alone is a view of blocks)
@@ -81,15 +121,10 @@ class BuildChunks(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         blocks, *products = ctx.saved_tensors
         factors = ctx.factors
-        b = blocks.shape[-1]
         grad_blocks = torch.zeros_like(blocks)
-        for j in range(len(factors) - 1, 0, -1):  # product_j = dense_j @ embed(product_{j-1})
-            i = factors[j]
-            dense = factor_chunks(blocks[i], i)
-            below = embed(products[j - 1], dense.shape[-1])
-            grad_blocks[i] = factor_chunks_grad(torch.bmm(grad, below.mT), i, b)
-            grad = unembed(torch.bmm(dense.mT, grad), products[j - 1].shape[-1])
-        grad_blocks[factors[0]] = factor_chunks_grad(grad, factors[0], b)
+        for j in range(len(factors) - 1, 0, -1):  # product_j = level(factor_j, product_{j-1})
+            grad_blocks[factors[j]], grad = _level_backward(blocks, factors[j], products[j - 1], grad)
+        grad_blocks[factors[0]] = factor_chunks_grad(grad, factors[0], blocks.shape[-1])
         return grad_blocks, None
 
 
