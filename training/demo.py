@@ -61,6 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--boft_block_size", type=int, default=8)
     p.add_argument("--boft_n_butterfly_factors", type=int, default=3)
     p.add_argument("--num_eval", type=int, default=32, help="Held-out control images scored per k.")
+    p.add_argument("--k_step", type=float, default=0.5,
+                   help="Scored k from m down to 0 in this step (fractional k fades a factor in; 1 = whole factors only).")
     p.add_argument("--num_inference_steps", type=int, default=20)
     p.add_argument("--guidance_scale", type=float, default=4.0, help="The tiny model's setting (docs/tiny_model.md).")
     p.add_argument("--seed", type=int, default=0)
@@ -73,6 +75,8 @@ def parse_args(argv=None):
     for name, value in TASK_DEFAULTS[args.task].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if not 0 < args.k_step <= 1 or not float(1 / args.k_step).is_integer():
+        p.error("--k_step must divide 1 (1, 0.5, 0.25, ...).")
     if args.num_threads is not None and args.num_threads < 1:
         p.error("--num_threads must be at least 1.")
     return args
@@ -139,10 +143,10 @@ def evaluate(args, adapter_dir: str):
     results["factors"] = m
     results["per_k"] = {}
     columns = {}
-    for k in range(m, -1, -1):
+    for k in scored_ks(m, args.k_step):
         pipe.set_active_factors(k)
         columns[k] = generate(pipe, prompts, controls, args)
-        results["per_k"][str(k)] = score(args.task, columns[k], targets)
+        results["per_k"][f"{k:g}"] = score(args.task, columns[k], targets)
     results["num_eval"] = args.num_eval
 
     shown = min(4, len(controls))
@@ -151,11 +155,17 @@ def evaluate(args, adapter_dir: str):
     return results, interpolation_grid(grid_rows, labels, cell_size=96)
 
 
+def scored_ks(m: int, step: float) -> list[float]:
+    """m, m - step, ..., 0 (whole numbers stay exact: k = 2.0 is the 2-factor model bit for bit)."""
+    per_factor = round(1 / step)
+    return [i / per_factor for i in range(m * per_factor, -1, -1)]
+
+
 def plot_metric_vs_k(results: dict, size=(480, 320)) -> Image.Image:
     """The metric at each number of active factors (dots and line) and the base model (dashed)."""
     _, key, label, lower_is_better = METRICS[results["task"]]
-    ks = sorted(int(k) for k in results["per_k"])
-    values = [results["per_k"][str(k)][key] for k in ks]
+    ks = sorted(float(k) for k in results["per_k"])
+    values = [results["per_k"][f"{k:g}"][key] for k in ks]
     base = results["base"][key]
     finite = [v for v in values + [base] if v is not None and math.isfinite(v)]
     top = _nice_top(max(finite, default=1.0) * 1.1)
@@ -174,10 +184,11 @@ def plot_metric_vs_k(results: dict, size=(480, 320)) -> Image.Image:
         y = xy(ks[0], v)[1]
         draw.line([(left - 4, y), (left, y)], fill="black")
         draw.text((4, y - 5), f"{v:g}", fill="black")
-    for k in ks:  # x ticks
+    for k in ks:  # x ticks, labelled at whole factors
         x = xy(k, 0)[0]
-        draw.line([(x, h - bottom), (x, h - bottom + 4)], fill="black")
-        draw.text((x - 3, h - bottom + 6), str(k), fill="black")
+        draw.line([(x, h - bottom), (x, h - bottom + (4 if k.is_integer() else 2))], fill="black")
+        if k.is_integer():
+            draw.text((x - 3, h - bottom + 6), f"{k:g}", fill="black")
     draw.text((w // 2 - 50, h - 16), "active butterfly factors k", fill="black")
     better = "lower is better" if lower_is_better else "higher is better"
     draw.text((left, 6), f"{label} vs k ({better}); dashed: base model", fill="black")
@@ -189,9 +200,12 @@ def plot_metric_vs_k(results: dict, size=(480, 320)) -> Image.Image:
     points = [xy(k, v) for k, v in zip(ks, values) if v is not None and math.isfinite(v)]
     if len(points) > 1:
         draw.line(points, fill=(40, 80, 220), width=2)
-    for (x, y), v in zip(points, [v for v in values if v is not None and math.isfinite(v)]):
-        draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=(40, 80, 220))
-        draw.text((x + 6, y - 14), f"{v:.2f}", fill=(40, 80, 220))
+    shown = [(k, v) for k, v in zip(ks, values) if v is not None and math.isfinite(v)]
+    for (x, y), (k, v) in zip(points, shown):
+        radius = 4 if k.is_integer() else 3
+        draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=(40, 80, 220))
+        if k.is_integer():
+            draw.text((x + 6, y - 14), f"{v:.2f}", fill=(40, 80, 220))
     return img
 
 
@@ -236,8 +250,8 @@ def print_report(args, results: dict) -> None:
     print(f"\n{args.task} control, {m} butterfly factors, {args.num_eval} held-out controls{unit}")
     print("| model | " + " | ".join(keys) + " |")
     print("|---|" + "---|" * len(keys))
-    for k in range(m, -1, -1):
-        print(f"| k={k} active factors | " + " | ".join(_fmt(results["per_k"][str(k)][key]) for key in keys) + " |")
+    for k in sorted(results["per_k"], key=float, reverse=True):
+        print(f"| k={k} active factors | " + " | ".join(_fmt(results["per_k"][k][key]) for key in keys) + " |")
     print("| base model (no control) | " + " | ".join(_fmt(results["base"][key]) for key in keys) + " |")
     s = results["seconds"]
     print(f"\nTime ({results['threads']} threads): training {s['training']:.0f} s, evaluation {s['evaluation']:.0f} s, "
