@@ -184,11 +184,10 @@ def test_two_controls_pictures(tiny_sd_dir, control_dirs, tmp_path):
     summary = two_controls.main([
         "--pretrained_model_name_or_path", str(tiny_sd_dir), "--output_dir", str(tmp_path), "--scenes", "2",
         "--adapter", f"landmarks={control_dirs['landmarks']}", f"segmentation={control_dirs['segmentation']}",
-        "--num_inference_steps", "1", "--strip_step", "0.5",
+        "--num_inference_steps", "1", "--strip_step", "0.5", "--strip_candidates", "2",
     ])
-    assert summary["columns"] == ["landmarks map", "segmentation map", "landmarks only", "segmentation only",
-                                  "both", "base"]
+    assert summary["columns"] == ["landmark map", "seg. map", "landmark only", "seg. only", "both", "base"]
     assert summary["strip"]["ks"] == [2.0, 1.5, 1.0, 0.5, 0.0]
     grid = Image.open(tmp_path / "two_controls.png")
     strip = Image.open(tmp_path / "fractional_strip.png")
-    assert grid.width > 6 * 64 and grid.height > 2 * 64 and strip.width > 6 * 64
+    assert grid.width > 6 * 96 and grid.height > 2 * 96 and strip.width > 6 * 72

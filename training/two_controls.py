@@ -5,7 +5,7 @@
 
 Writes `two_controls.png` (rows: held-out scenes; columns: each control, each adapter alone, both
 together, the base model) and `fractional_strip.png` (one adapter, k from m to 0 in steps of 0.25,
-same seed), plus `two_controls.json` with what each image was scored against.
+same seed; the scene of the first few that k moves most), plus `two_controls.json` saying what was drawn.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from boft_diffusion.data import make_sample
 from pipelines import interpolation_grid, load_pipeline
 
 DEFAULT_ADAPTERS = ["landmarks=outputs/demo/adapter", "segmentation=outputs/demo-seg/adapter"]
+SHORT = {"landmarks": "landmark", "segmentation": "seg."}  # column labels that fit a cell
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,6 +41,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num_inference_steps", type=int, default=20)
     p.add_argument("--guidance_scale", type=float, default=4.0)
     p.add_argument("--strip_step", type=float, default=0.25, help="k step of the fractional strip.")
+    p.add_argument("--strip_candidates", type=int, default=16,
+                   help="Scenes tried for the strip; the one whose image changes most from k=m to k=0 is shown.")
     return p.parse_args(argv)
 
 
@@ -71,21 +74,30 @@ def main(argv=None) -> dict:
         cells += [sample(prompt, kinds, controls, i), sample(prompt, [], controls, i)]
         rows.append(cells)
         record.append({"prompt": prompt, "scene": [args.seed, i]})
-    labels = [f"{k} map" for k in kinds] + [f"{k} only" for k in kinds] + ["both", "base"]
+    short = {kind: SHORT.get(kind, kind) for kind in kinds}
+    labels = [f"{short[k]} map" for k in kinds] + [f"{short[k]} only" for k in kinds] + ["both", "base"]
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    interpolation_grid(rows, labels, cell_size=64).save(out / "two_controls.png")
+    interpolation_grid(rows, labels, cell_size=96).save(out / "two_controls.png")
 
     strip_kind = kinds[0]
     m = pipe.get_boft_adapter(strip_kind).n_factors
     ks = [float(k) for k in np.round(np.arange(m, -1e-9, -args.strip_step), 4)]
     pipe.set_adapters([strip_kind])
-    scene = make_sample(strip_kind, args.seed, 0, size=size)
-    strip = pipe.interpolate(scene["text"], scene["conditioning_image"], ks=ks, adapter_name=strip_kind, seed=0,
-                             num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale)
-    interpolation_grid([[scene["conditioning_image"], *strip]], ["control"] + [f"k={k:g}" for k in ks],
-                       cell_size=64).save(out / "fractional_strip.png")
-    summary = {"adapters": adapters, "columns": labels, "rows": record, "strip": {"adapter": strip_kind, "ks": ks}}
+
+    def strip_for(i: int) -> list:
+        scene = make_sample(strip_kind, args.seed, i, size=size)
+        return [scene["conditioning_image"], *pipe.interpolate(
+            scene["text"], scene["conditioning_image"], ks=ks, adapter_name=strip_kind, seed=0,
+            num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale)]
+
+    # the scene (of the first few) whose image k moves most, so the strip shows the path, not a still
+    candidates = [strip_for(i) for i in range(args.strip_candidates)]
+    moved = [np.abs(np.asarray(c[1], np.float32) - np.asarray(c[-1], np.float32)).mean() for c in candidates]
+    strip = candidates[int(np.argmax(moved))]
+    interpolation_grid([strip], ["control"] + [f"k={k:g}" for k in ks], cell_size=72).save(out / "fractional_strip.png")
+    summary = {"adapters": adapters, "columns": labels, "rows": record,
+               "strip": {"adapter": strip_kind, "ks": ks, "scene": [args.seed, int(np.argmax(moved))]}}
     (out / "two_controls.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {out / 'two_controls.png'} and {out / 'fractional_strip.png'}")
     return summary
