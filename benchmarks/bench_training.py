@@ -122,11 +122,11 @@ class PeakMemory:
 
 
 def force_peft_butterfly() -> None:
-    """Keep PEFT's m in effect on CPU with the tests' stand-in for its fbd_cuda (one oracle)."""
+    """Keep PEFT's m in effect on CPU with a torch stand-in for its fbd_cuda (peft_block_diag.py)."""
     import peft.tuners.boft.layer as peft_boft_layer
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from peft_oracle import TorchBlockDiag
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from peft_block_diag import TorchBlockDiag
 
     peft_boft_layer._FBD_CUDA = TorchBlockDiag
     peft_boft_layer.get_fbd_cuda = lambda: TorchBlockDiag

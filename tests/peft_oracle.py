@@ -5,24 +5,17 @@ not build (always on CPU) it warns and silently sets m = 1. We hand it the same 
 written in torch, so PEFT runs its own m-factor code path unchanged.
 """
 
-import torch
+import importlib.util
+from pathlib import Path
+
+
+_spec = importlib.util.spec_from_file_location(
+    "peft_block_diag", Path(__file__).resolve().parents[1] / "benchmarks" / "peft_block_diag.py")
+_module = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_module)
+TorchBlockDiag = _module.TorchBlockDiag  # one stand-in, shared with the benchmark
 
 peft_boft_layer = __import__("peft.tuners.boft.layer", fromlist=["layer"])
-
-
-class TorchBlockDiag:
-    """Drop-in for PEFT's fbd_cuda: (N, D, b, b) blocks <-> (N, D*b, D*b) block-diagonal matrices."""
-
-    @staticmethod
-    def forward(blocks):
-        return [torch.stack([torch.block_diag(*factor) for factor in blocks])]
-
-    @staticmethod
-    def backward(grad, blocks):
-        n, d, b, _ = blocks.shape
-        idx = torch.arange(d, device=grad.device)
-        full = grad.view(n, d, b, d, b)  # (N, D, b, D, b)
-        return [full[:, idx, :, idx, :].permute(1, 0, 2, 3).contiguous()]
 
 
 def force_butterfly(monkeypatch):
