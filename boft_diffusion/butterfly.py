@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 
 
-CPU_SOLVE_ONE_BY_ONE = 64  # block size from which CPU Cayley solves go block by block (see cayley)
+CPU_SOLVE_ONE_BY_ONE = 64  # block size from which Cayley solves (one by one on CPU) replace Gauss-Jordan
 
 
 def num_skew_params(block_size: int) -> int:
@@ -51,11 +51,86 @@ def cayley(packed: torch.Tensor, block_size: int) -> torch.Tensor:
     Q = (I - S)(I + S)^-1 = (I + S)^-1 (I - S) (the two factors commute); I + S is always
     invertible for skew S, and Q is orthogonal to rounding error. fp16 solves are not, so
     half-precision parameters are promoted; float64 stays float64 (for gradcheck).
+    Differentiable, with the closed-form gradient of `Cayley`.
     """
-    dtype = torch.promote_types(packed.dtype, torch.float32)
-    skew = skew_from_packed(packed.to(dtype), block_size)
-    eye = torch.eye(block_size, device=packed.device, dtype=dtype)
-    if packed.device.type == "cpu" and block_size >= CPU_SOLVE_ONE_BY_ONE and torch.get_num_threads() > 1 and skew.ndim > 2:
+    return Cayley.apply(packed, block_size)
+
+
+class Cayley(torch.autograd.Function):
+    """`cayley` as one autograd node. Blocks below CPU_SOLVE_ONE_BY_ONE are inverted by Gauss-Jordan
+    with the batch last (`_cayley_gauss_jordan`), larger ones solved by torch.linalg.solve.
+
+    Q = 2 (I + S)^-1 - I gives (I + S)^-1 = (Q + I) / 2, so dL/dS = -(Q + I)^T G (Q + I)^T / 2 for
+    G = dL/dQ: two batched b x b matmuls instead of differentiating through the inverse."""
+
+    @staticmethod
+    def forward(ctx, packed: torch.Tensor, block_size: int) -> torch.Tensor:
+        dtype = torch.promote_types(packed.dtype, torch.float32)
+        if block_size >= CPU_SOLVE_ONE_BY_ONE:
+            blocks = _cayley_by_solve(packed.to(dtype), block_size)
+        else:
+            blocks = _cayley_gauss_jordan(packed.to(dtype), block_size)
+        # Kept on ctx, detached, rather than saved: it is this node's own output, and a training
+        # round runs under identity saved-tensor hooks (layers.RotationGroup.tensors), which would
+        # make a saved output a reference cycle freed only by the garbage collector.
+        ctx.blocks = blocks.detach()
+        ctx.packed_dtype = packed.dtype
+        return blocks
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        blocks = ctx.blocks
+        b = blocks.shape[-1]
+        q = blocks.reshape(-1, b, b)
+        g = grad.to(blocks.dtype).reshape(-1, b, b)
+        eye = torch.eye(b, dtype=blocks.dtype, device=blocks.device)
+        unscatter = _skew_scatter(b, blocks.dtype, blocks.device).mT.mul(-0.5)  # (b*b, b(b-1)/2)
+        grad_packed = torch.empty(q.shape[0], unscatter.shape[1], dtype=blocks.dtype, device=blocks.device)
+        for lo, hi in _slices(q.shape[0], b, blocks.device):
+            k = q[lo:hi] + eye  # 2 (I + S)^-1
+            grad_skew = torch.bmm(torch.bmm(k.mT, g[lo:hi]), k.mT)
+            torch.mm(grad_skew.view(-1, b * b), unscatter, out=grad_packed[lo:hi])
+        return grad_packed.view(*blocks.shape[:-2], -1).to(ctx.packed_dtype), None
+
+
+CAYLEY_SLICE = 1 << 18  # CPU: numbers per Gauss-Jordan pass (1 MB of fp32), so its working set stays in cache
+
+
+def _slices(n: int, block_size: int, device: torch.device):
+    """[lo, hi) ranges of blocks per pass: cache-sized on CPU, everything at once elsewhere."""
+    step = max(1, CAYLEY_SLICE // (block_size * block_size)) if device.type == "cpu" else max(n, 1)
+    return [(lo, min(lo + step, n)) for lo in range(0, n, step)]
+
+
+def _cayley_gauss_jordan(packed: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Q = 2 (I + S)^-1 - I, inverting I + S in place by Gauss-Jordan, batch last.
+
+    I + S has symmetric part I (x^T (I + S) x = |x|^2), so elimination without pivoting is stable.
+    With the batch last, each of the b elimination steps is a few elementwise ops over whole
+    b x b x blocks slices, much faster than batched LU on 8 x 8 blocks; slices keep it in cache.
+    S comes from the packed entries by one matmul with a +-1 scatter matrix (no index writes)."""
+    b, flat = block_size, packed.reshape(math.prod(packed.shape[:-1]), packed.shape[-1])  # (blocks, b(b-1)/2)
+    out = torch.empty(flat.shape[0], b, b, dtype=flat.dtype, device=flat.device)
+    scatter = _skew_scatter(b, flat.dtype, flat.device).mT  # (b*b, b(b-1)/2)
+    eye = torch.eye(b, dtype=flat.dtype, device=flat.device)
+    for lo, hi in _slices(flat.shape[0], b, flat.device):
+        a = torch.addmm(eye.view(b * b, 1), scatter, flat[lo:hi].mT).view(b, b, -1)  # I + S, (b, b, blocks)
+        for k in range(b):
+            col = a[:, k].clone()
+            pivot = col[k].reciprocal()
+            col[k] -= 1
+            a[:, k] = eye[:, k, None]
+            a.addcmul_(col[:, None], (a[k] * pivot)[None], value=-1)  # a is (I + S)^-1 after step b-1
+        torch.mul(a.permute(2, 0, 1), 2, out=out[lo:hi])
+        out[lo:hi].diagonal(dim1=-2, dim2=-1).sub_(1)
+    return out.view(*packed.shape[:-1], b, b)
+
+
+def _cayley_by_solve(packed: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Q = (I + S)^-1 (I - S) by torch.linalg.solve, for large blocks."""
+    skew = skew_from_packed(packed, block_size)
+    eye = torch.eye(block_size, device=packed.device, dtype=packed.dtype)
+    if packed.device.type == "cpu" and torch.get_num_threads() > 1 and skew.ndim > 2:
         # Batched CPU solves of blocks >= ~150 with more than one thread return garbage or raise
         # "Pivots given to lu_solve..." (torch 2.13 + MKL); one block at a time is right, and at
         # this size the loop's overhead is small next to each solve.
@@ -63,6 +138,22 @@ def cayley(packed: torch.Tensor, block_size: int) -> torch.Tensor:
         solved = [torch.linalg.solve(eye + s, eye - s) for s in flat.unbind()]
         return torch.stack(solved).reshape(skew.shape) if solved else torch.empty_like(skew)
     return torch.linalg.solve(eye + skew, eye - skew)
+
+
+_SCATTERS: dict = {}
+
+
+def _skew_scatter(block_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(b(b-1)/2, b*b) with +1 at (r, c) and -1 at (c, r) of each packed entry (r < c): packed @ it = skew, flat."""
+    key = (block_size, dtype, device)
+    if key not in _SCATTERS:
+        rows, cols = torch.triu_indices(block_size, block_size, offset=1)
+        scatter = torch.zeros(rows.numel(), block_size * block_size, dtype=dtype)
+        index = torch.arange(rows.numel())
+        scatter[index, rows * block_size + cols] = 1
+        scatter[index, cols * block_size + rows] = -1
+        _SCATTERS[key] = scatter.to(device)
+    return _SCATTERS[key]
 
 
 def factor_view(x: torch.Tensor, factor: int, block_size: int) -> torch.Tensor:

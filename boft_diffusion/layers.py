@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .butterfly import CPU_SOLVE_ONE_BY_ONE, cayley, chunk_size, factor_order, num_skew_params
+from .butterfly import Cayley, cayley, chunk_size, factor_order, num_skew_params
 from .kernels import chunks as chunk_ops
 
 logger = logging.getLogger(__name__)
@@ -53,58 +53,6 @@ class ButterflyRotate(torch.autograd.Function):
             x, grad, blocks, ctx.order, ctx.transpose, need_blocks_grad=ctx.needs_input_grad[1]
         )
         return grad_x if ctx.needs_input_grad[0] else None, grad_blocks, None, None
-
-
-class Cayley(torch.autograd.Function):
-    """`butterfly.cayley` for a whole batch of blocks, with cheap packing and a closed-form gradient.
-
-    S comes from the packed entries by one matmul with a +-1 scatter matrix (index writes cost
-    more than the solve at 45k blocks). Q = (I + S)^-1 (I - S) gives (I + S)^-1 = (Q + I) / 2, so
-    dL/dS = -(Q + I)^T G (Q + I)^T / 2 for G = dL/dQ: two batched b x b matmuls instead of
-    differentiating through the solve."""
-
-    @staticmethod
-    def forward(ctx, packed: torch.Tensor, block_size: int) -> torch.Tensor:
-        if packed.device.type == "cpu" and block_size >= CPU_SOLVE_ONE_BY_ONE:
-            blocks = cayley(packed, block_size)  # large blocks: its workaround for batched CPU solves
-        else:
-            dtype = torch.promote_types(packed.dtype, torch.float32)
-            flat = packed.to(dtype).reshape(-1, packed.shape[-1]) @ _skew_scatter(block_size, dtype, packed.device)
-            skew = flat.view(*packed.shape[:-1], block_size, block_size)  # (..., b, b)
-            eye = torch.eye(block_size, dtype=dtype, device=packed.device)
-            blocks = torch.linalg.solve(eye + skew, eye - skew)
-        # Kept on ctx, detached, rather than saved: it is this node's own output, and a round runs
-        # under identity saved-tensor hooks (RotationGroup.tensors), which would make a saved
-        # output a reference cycle freed only by the garbage collector.
-        ctx.blocks = blocks.detach()
-        ctx.packed_dtype = packed.dtype
-        return blocks
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        blocks = ctx.blocks
-        b = blocks.shape[-1]
-        k = blocks + torch.eye(b, dtype=blocks.dtype, device=blocks.device)  # 2 (I + S)^-1
-        grad_skew = torch.matmul(torch.matmul(k.mT, grad.to(blocks.dtype)), k.mT).mul_(-0.5)  # (..., b, b)
-        scatter = _skew_scatter(b, blocks.dtype, blocks.device)
-        grad_packed = grad_skew.reshape(-1, b * b) @ scatter.mT  # (blocks, b(b-1)/2)
-        return grad_packed.view(*blocks.shape[:-2], -1).to(ctx.packed_dtype), None
-
-
-_SCATTERS: dict = {}
-
-
-def _skew_scatter(block_size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(b(b-1)/2, b*b) with +1 at (r, c) and -1 at (c, r) of each packed entry (r < c): packed @ it = skew, flat."""
-    key = (block_size, dtype, device)
-    if key not in _SCATTERS:
-        rows, cols = torch.triu_indices(block_size, block_size, offset=1)
-        scatter = torch.zeros(rows.numel(), block_size * block_size, dtype=dtype)
-        index = torch.arange(rows.numel())
-        scatter[index, rows * block_size + cols] = 1
-        scatter[index, cols * block_size + rows] = -1
-        _SCATTERS[key] = scatter.to(device)
-    return _SCATTERS[key]
 
 
 class RotationGroup:

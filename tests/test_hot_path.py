@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from boft_diffusion import layers
-from boft_diffusion.butterfly import cayley, chunk_matrices, factor_order, num_skew_params, rotate_rows
+from boft_diffusion.butterfly import cayley, chunk_matrices, factor_order, num_skew_params, rotate_rows, skew_from_packed
 from boft_diffusion.kernels import chunks as chunk_ops
 from boft_diffusion.layers import BOFTLinear, ButterflyRotation, Cayley, RotatedLinear, link_rotations
 
@@ -25,6 +25,9 @@ def packed(m, d, b, seed=0, dtype=torch.float64):
 
 def test_cayley_function_equals_the_solve_and_its_gradient_is_exact():
     p = packed(3, 20, 4)
+    skew, eye = skew_from_packed(p, 4), torch.eye(4, dtype=p.dtype)
+    # Gauss-Jordan (Cayley's) and LU (the solve) round differently: equal to float64 rounding, not bitwise.
+    torch.testing.assert_close(Cayley.apply(p, 4), torch.linalg.solve(eye + skew, eye - skew), atol=1e-14, rtol=0)
     assert torch.equal(Cayley.apply(p, 4), cayley(p, 4))
     assert torch.autograd.gradcheck(lambda p: Cayley.apply(p, 4), (p.requires_grad_(True),))
 

@@ -6,11 +6,11 @@ batched c x c matmul per chunk, d * c per row, which CPU BLAS runs near its peak
 m factors one by one costs m * b * d per row but needs a reorder copy around each tiny b x b
 matmul (`butterfly.apply_factor`), and runs several times slower than its flop count.
 
-Building the chunks (`BuildChunks`) goes level by level, lowest factor first: factor i as dense
-(c_i x c_i) chunks times the product so far, embedded block-diagonally; one batched matmul per
-level, so building the chunks of every projection of a UNet at once is a handful of calls.
+Building the chunks (`BuildChunks`) goes level by level, lowest factor first: factor i's chunks
+times the product so far (block diagonal), multiplying only the factor's nonzero b x b/2 pieces
+(`_level`), so building the chunks of every projection of a UNet at once is a few calls a level.
 
-    R = B_{m-1} ... B_1 B_0,   chunk_k(R) = chunk(B_top) embed(chunk(B_.. ... B_0))
+    R = B_{m-1} ... B_1 B_0,   chunk_k(R) = chunk(B_top) blockdiag(chunks(B_.. ... B_0))
 
 Shapes: blocks (m, d/b, b, b); chunks (d/c, c, c); rows (..., d).
 """
@@ -45,68 +45,84 @@ def factor_chunks_grad(grad: torch.Tensor, factor: int, block_size: int) -> torc
     return g.permute(0, 5, 1, 2, 3, 4).reshape(-1, block_size, block_size)
 
 
-def embed(chunks: torch.Tensor, size: int) -> torch.Tensor:
-    """(d/c', c', c') -> block diagonal (d/c, c, c), c = size (a multiple of c')."""
-    small = chunks.shape[-1]
-    k = size // small
-    out = chunks.new_zeros(chunks.shape[0] // k, k, small, k, small)  # (d/c, k, c', k, c')
-    out.diagonal(dim1=1, dim2=3).copy_(chunks.view(-1, k, small, small).permute(0, 2, 3, 1))
-    return out.view(-1, size, size)
+LEVEL_SLICE = 1 << 18  # numbers per pass of a level (1 MB of fp32): its scratch stays in cache
 
 
-def unembed(grad: torch.Tensor, small: int) -> torch.Tensor:
-    """The diagonal c' x c' blocks of (d/c, c, c): (d/c', c', c')."""
-    k = grad.shape[-1] // small
-    g = grad.view(-1, k, small, k, small).diagonal(dim1=1, dim2=3)  # (d/c, c', c', k)
-    return g.permute(0, 3, 1, 2).reshape(-1, small, small)
+def _passes(n: int, size: int) -> list[tuple[int, int]]:
+    """[lo, hi) ranges of the n chunks (size x size) of a level, one cache-sized pass each."""
+    step = max(1, LEVEL_SLICE // (size * size))
+    return [(lo, min(lo + step, n)) for lo in range(0, n, step)]
 
 
-def factor_halves(blocks: torch.Tensor, factor: int) -> torch.Tensor:
-    """Factor i's dense chunks split by output half s: (2 * d/c_i, c_i, c_i/2), [chunk, s] = F[:, s half].
-
-    Times a block-diagonal pair of c_i/2 chunks this is the next level's product with no
-    embedded zeros: F [P_0 0; 0 P_1] = [F[:, 0 half] P_0, F[:, 1 half] P_1]."""
+def _block_halves(blocks: torch.Tensor, factor: int, lo: int, hi: int) -> torch.Tensor:
+    """Factor i's blocks of chunks lo..hi, each cut by output half s: (chunk, s, p) x (q, r) x t,
+    i.e. (chunks * 2 * 2^i, b, b/2). A small copy (the blocks are 1/2^i of a chunk's numbers)."""
     b, pairs = blocks.shape[-1], 2**factor
     half = b // 2
-    q = blocks.reshape(-1, pairs, 2, half, 2, half)  # (d/c_i, p, q, r, s, t)
-    out = blocks.new_zeros(q.shape[0], 2, 2, pairs, half, pairs, half)  # (d/c_i, s, q, p, r, p', t)
-    out.diagonal(dim1=3, dim2=5).copy_(q.permute(0, 4, 2, 3, 5, 1))  # p == p' only
-    return out.view(-1, b * pairs, b * pairs // 2)
+    q = blocks[factor, lo * pairs : hi * pairs].reshape(hi - lo, pairs, 2, half, 2, half)  # (k, p, q, r, s, t)
+    return q.permute(0, 4, 1, 2, 3, 5).reshape(-1, b, half)
 
 
-def factor_halves_grad(grad: torch.Tensor, factor: int, block_size: int) -> torch.Tensor:
-    """Block entries (d/b, b, b) of gradients shaped like `factor_halves`."""
-    pairs, half = 2**factor, block_size // 2
-    g = grad.reshape(-1, 2, 2, pairs, half, pairs, half).diagonal(dim1=3, dim2=5)  # (d/c_i, s, q, r, t, p)
-    return g.permute(0, 5, 2, 3, 1, 4).reshape(-1, block_size, block_size)
+def _level_views(blocks: torch.Tensor, factor: int, below: torch.Tensor, lo: int, hi: int, scratch: torch.Tensor):
+    """For chunks lo..hi of level `factor`: (A, B, T, D) with T = A @ B the level's nonzero numbers
+    in `scratch` and D the view of T in `_diagonal`'s order."""
+    b, small = blocks.shape[-1], below.shape[-1]
+    half, k = b // 2, hi - lo
+    groups = (b << factor) // 2 // small  # chunks of `below` per half chunk
+    a = _block_halves(blocks, factor, lo, hi)  # (k s p, (q r), t)
+    bm = below[lo * 2 * groups : hi * 2 * groups].reshape(a.shape[0], half, small)  # (k s p, t, j)
+    t = scratch[: a.shape[0] * b * small].view(a.shape[0], b, small)  # (k s p, (q r), j)
+    d = t.view(k, 2, groups, small // half, 2, half, small).permute(0, 4, 3, 5, 1, 6, 2)  # (k, q, p', r, s, j, g)
+    return a, bm, t, d
+
+
+def _diagonal(chunks: torch.Tensor, groups: int, half: int) -> torch.Tensor:
+    """The numbers of level chunks (k, c, c) that can be nonzero: (k, q, p', r, s, j, g), row
+    (q, g, p', r) and column (s, g, j); p = (g, p') pairs with the g-th chunk below in half s."""
+    k, c = chunks.shape[0], chunks.shape[-1]
+    small = c // 2 // groups
+    view = chunks.view(k, 2, groups, small // half, half, 2, groups, small)
+    return view.diagonal(dim1=2, dim2=6)
 
 
 def _level(blocks: torch.Tensor, factor: int, below: torch.Tensor) -> torch.Tensor:
-    """Chunks of B_factor times the block-diagonal product `below` (its chunks)."""
-    size = blocks.shape[-1] << factor
-    if factor > 0 and below.shape[-1] * 2 == size:
-        halves = torch.bmm(factor_halves(blocks[factor], factor), below)  # (2 d/c, c, c/2)
-        return halves.view(-1, 2, size, size // 2).transpose(1, 2).reshape(-1, size, size)
-    return torch.bmm(factor_chunks(blocks[factor], factor), embed(below, size))
+    """Chunks of B_factor times the block-diagonal product `below` (its chunks, at most half as wide).
+
+    Block p of the factor takes rows t of below's chunk in half s to rows (q, r) of its own block:
+    out[(q, p, r), (s, j)] = sum_t Q_p[(q, r), (s, t)] below_s[(p, t), j]. So the level is one batched
+    (b x b/2) @ (b/2 x c') matmul per (chunk, s, p), no zeros multiplied, then one reorder copy
+    into the chunks, pass by pass."""
+    b, size = blocks.shape[-1], blocks.shape[-1] << factor
+    n, groups = below.shape[0] * below.shape[-1] // size, size // 2 // below.shape[-1]
+    out = (torch.zeros if groups > 1 else torch.empty)(n, size, size, dtype=below.dtype, device=below.device)
+    scratch = below.new_empty(min(n, _passes(n, size)[0][1]) * size * size)
+    for lo, hi in _passes(n, size):
+        a, bm, t, d = _level_views(blocks, factor, below, lo, hi, scratch)
+        torch.bmm(a, bm, out=t)
+        _diagonal(out[lo:hi], groups, b // 2).copy_(d)
+    return out
 
 
-def _level_backward(blocks: torch.Tensor, factor: int, below: torch.Tensor, grad: torch.Tensor):
-    """(dL/dblocks[factor] (d/b, b, b), dL/dbelow) for out = _level(blocks, factor, below)."""
-    b, size, small = blocks.shape[-1], grad.shape[-1], below.shape[-1]
-    if factor > 0 and small * 2 == size:
-        halves = factor_halves(blocks[factor], factor)
-        g = grad.view(-1, size, 2, small).transpose(1, 2).reshape(-1, size, small)  # (2 d/c, c, c/2)
-        return factor_halves_grad(torch.bmm(g, below.mT), factor, b), torch.bmm(halves.mT, g)
-    dense = factor_chunks(blocks[factor], factor)
-    grad_blocks = factor_chunks_grad(torch.bmm(grad, embed(below, size).mT), factor, b)
-    return grad_blocks, unembed(torch.bmm(dense.mT, grad), small)
+def _level_backward(blocks: torch.Tensor, factor: int, below: torch.Tensor, grad: torch.Tensor, grad_blocks):
+    """dL/dbelow for out = _level(blocks, factor, below); dL/dblocks[factor] goes into `grad_blocks`."""
+    b, size, pairs = blocks.shape[-1], grad.shape[-1], 2**factor
+    half, n, groups = b // 2, grad.shape[0], size // 2 // below.shape[-1]
+    grad_below = torch.empty(below.shape, dtype=grad.dtype, device=grad.device)
+    scratch = grad.new_empty(min(n, _passes(n, size)[0][1]) * size * size)
+    for lo, hi in _passes(n, size):
+        a, bm, t, d = _level_views(blocks, factor, below, lo, hi, scratch)
+        d.copy_(_diagonal(grad[lo:hi], groups, half))  # dL/dT
+        grad_a = torch.bmm(t, bm.mT).view(hi - lo, 2, pairs, 2, half, half)  # (k, s, p, q, r, t)
+        grad_blocks[factor, lo * pairs : hi * pairs].view(hi - lo, pairs, 2, half, 2, half).copy_(grad_a.permute(0, 2, 3, 4, 1, 5))
+        torch.bmm(a.mT, t, out=grad_below[lo * 2 * groups : hi * 2 * groups].view(bm.shape))
+    return grad_below
 
 
 class BuildChunks(torch.autograd.Function):
     """Diagonal chunks (d/c, c, c) of R = B_{top} ... B_{low} (the active `factors`, ascending).
 
     Saves the blocks and the products below the top level (together half the size of the
-    result), so backward recomputes only the cheap dense copies of the factors, no product."""
+    result), so backward recomputes no product."""
 
     @staticmethod
     def forward(ctx, blocks: torch.Tensor, factors: tuple[int, ...]) -> torch.Tensor:
@@ -121,9 +137,10 @@ class BuildChunks(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         blocks, *products = ctx.saved_tensors
         factors = ctx.factors
-        grad_blocks = torch.zeros_like(blocks)
+        grad_blocks = torch.empty_like(blocks, memory_format=torch.contiguous_format)
+        grad_blocks[[i for i in range(blocks.shape[0]) if i not in factors]] = 0
         for j in range(len(factors) - 1, 0, -1):  # product_j = level(factor_j, product_{j-1})
-            grad_blocks[factors[j]], grad = _level_backward(blocks, factors[j], products[j - 1], grad)
+            grad = _level_backward(blocks, factors[j], products[j - 1], grad, grad_blocks)
         grad_blocks[factors[0]] = factor_chunks_grad(grad, factors[0], blocks.shape[-1])
         return grad_blocks, None
 
