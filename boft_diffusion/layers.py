@@ -102,7 +102,7 @@ class RotationGroup:
                         member._tensor_cache = (member._tensor_key(), *tensors)
             return rotation._tensor_cache[1:]
         compat = rotation._compat_key()
-        entries, taken = self._rounds.get(compat, ({}, set()))
+        entries, taken, _ = self._rounds.get(compat, ({}, set(), None))
         entry = entries.get(id(rotation))
         if entry is not None and id(rotation) not in taken and entry[0] == key and (entry[2] is not None or not want_chunks):
             taken.add(id(rotation))
@@ -113,9 +113,12 @@ class RotationGroup:
         members = self._peers(rotation)
         computed, blocks = _compute(members)
         entries = {id(r): (r._tensor_key(), *t) for r, t in zip(members, computed)}
-        self._rounds[compat] = (entries, {id(rotation)})
+        # The hook names the round by a token: holding the entries, it would close a cycle
+        # (blocks -> hook -> entries -> blocks) that only the garbage collector frees, each step's.
+        token = object()
+        self._rounds[compat] = (entries, {id(rotation)}, token)
         if blocks.requires_grad:  # once backward has run through this round, it is spent
-            blocks.register_hook(lambda grad, compat=compat, entries=entries: self._spend(compat, entries))
+            blocks.register_hook(lambda grad, compat=compat, token=token: self._spend(compat, token))
         return entries[id(rotation)][1:]
 
     def _peers(self, rotation: "ButterflyRotation") -> list["ButterflyRotation"]:
@@ -130,8 +133,8 @@ class RotationGroup:
             peers.append(rotation)
         return sorted(peers, key=lambda r: not r._wants_chunks)
 
-    def _spend(self, compat, entries) -> None:
-        if compat in self._rounds and self._rounds[compat][0] is entries:
+    def _spend(self, compat, token) -> None:
+        if compat in self._rounds and self._rounds[compat][2] is token:
             del self._rounds[compat]
 
 
