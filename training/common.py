@@ -102,8 +102,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
       help="Attention through xformers (needs CUDA and the xformers package); BOFT stays active.")
     a("--gradient_checkpointing", action="store_true", help="Recompute UNet activations in backward to save memory.")
     a("--dataloader_num_workers", type=non_negative, default=0)
-    a("--timestep_sampling", choices=["uniform", "cubic"], default="uniform",
-      help="Training timesteps: uniform (DDPM) or cubic, favouring noisy steps (T2I-Adapter; learns layout control faster).")
+    a("--timestep_sampling", choices=["uniform", "cubic", "quintic"], default="uniform",
+      help="Training timesteps: uniform (DDPM), or t = (1 - u^3) T / (1 - u^5) T, favouring noisy steps "
+           "(T2I-Adapter's cubic; both learn layout control faster).")
 
 
 def add_boft_args(parser: argparse.ArgumentParser, defaults: dict | None = None) -> None:

@@ -193,21 +193,25 @@ def sample_seed(seed: int, step: int, index: int) -> int:
     return ((seed * 1_000_003 + step) * 1_000_003 + index) % (2**63 - 1)
 
 
+TIMESTEP_POWERS = {"cubic": 3, "quintic": 5}
+
+
 def per_sample_noise(
     shape, seed: int, step: int, indices: list[int], num_timesteps: int, p_empty: float = 0.0, sampling: str = "uniform"
 ):
     """(noise (B, *shape), timesteps (B,), drop_prompt (B,) bool), drawn on CPU for any device.
 
     sampling="cubic" draws t = (1 - u^3) T, favouring the noisy steps where the layout is
-    decided (T2I-Adapter's schedule for structure control); "uniform" is DDPM's.
+    decided (T2I-Adapter's schedule for structure control); "quintic" (1 - u^5) T leans further
+    that way (63% of draws in the noisiest tenth, against 46%); "uniform" is DDPM's.
     """
     noise, timesteps, drop = [], [], []
     for index in indices:
         g = torch.Generator().manual_seed(sample_seed(seed, step, index))
         noise.append(torch.randn(shape, generator=g))
-        if sampling == "cubic":
+        if sampling in TIMESTEP_POWERS:
             u = torch.rand(1, generator=g)
-            timesteps.append(((1 - u**3) * num_timesteps).long().clamp(0, num_timesteps - 1))
+            timesteps.append(((1 - u ** TIMESTEP_POWERS[sampling]) * num_timesteps).long().clamp(0, num_timesteps - 1))
         else:
             timesteps.append(torch.randint(0, num_timesteps, (1,), generator=g))
         drop.append(torch.rand(1, generator=g) < p_empty)
