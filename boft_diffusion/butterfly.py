@@ -114,14 +114,14 @@ def _cayley_gauss_jordan(packed: torch.Tensor, block_size: int) -> torch.Tensor:
     scatter = _skew_scatter(b, flat.dtype, flat.device).mT  # (b*b, b(b-1)/2)
     eye = torch.eye(b, dtype=flat.dtype, device=flat.device)
     for lo, hi in _slices(flat.shape[0], b, flat.device):
-        a = torch.addmm(eye.view(b * b, 1), scatter, flat[lo:hi].mT).view(b, b, -1)  # I + S, (b, b, blocks)
+        a = torch.addmm(eye.view(b * b, 1), scatter, flat[lo:hi].mT, beta=0.5, alpha=0.5).view(b, b, -1)  # (I + S) / 2
         for k in range(b):
             col = a[:, k].clone()
             pivot = col[k].reciprocal()
             col[k] -= 1
             a[:, k] = eye[:, k, None]
-            a.addcmul_(col[:, None], (a[k] * pivot)[None], value=-1)  # a is (I + S)^-1 after step b-1
-        torch.mul(a.permute(2, 0, 1), 2, out=out[lo:hi])
+            a.addcmul_(col[:, None], (a[k] * pivot)[None], value=-1)  # a is 2 (I + S)^-1 after step b-1
+        out[lo:hi].view(hi - lo, b * b).copy_(a.view(b * b, -1).t())  # a 2-d transpose: torch copies it by tiles
         out[lo:hi].diagonal(dim1=-2, dim2=-1).sub_(1)
     return out.view(*packed.shape[:-1], b, b)
 
