@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from boft_diffusion import layers
+from boft_diffusion import butterfly, layers
 from boft_diffusion.butterfly import cayley, chunk_matrices, factor_order, num_skew_params, rotate_rows, skew_from_packed
 from boft_diffusion.kernels import chunks as chunk_ops
 from boft_diffusion.layers import BOFTLinear, ButterflyRotation, Cayley, RotatedLinear, link_rotations
@@ -43,6 +43,24 @@ def test_chunk_build_equals_the_factored_chunks(d, b, m, active):
     torch.testing.assert_close(built, chunk_matrices(blocks, factor_order(m, active, False)), atol=1e-12, rtol=0)
     torch.testing.assert_close(built.mT, chunk_matrices(blocks, factor_order(m, active, True), True), atol=1e-12, rtol=0)
     assert torch.autograd.gradcheck(lambda q: chunk_ops.BuildChunks.apply(q, factors), (blocks.requires_grad_(True),))
+
+
+@pytest.mark.parametrize("active", [None, (True, False, True, True)])
+def test_cayley_and_chunk_build_in_many_small_passes_equal_one_pass(monkeypatch, active):
+    """Both work through cache-sized passes (thousands of blocks in SD); here a pass is a chunk."""
+    p = packed(4, 64, 8).requires_grad_(True)
+    factors = tuple(sorted(factor_order(4, active, False)))
+    g = torch.randn(1, 64, 64, dtype=p.dtype)  # dL/dchunks: d = c = 64
+
+    def run():
+        chunks = chunk_ops.BuildChunks.apply(Cayley.apply(p, 8), factors)
+        return chunks.detach(), torch.autograd.grad(chunks, p, g)[0]
+
+    whole = run()
+    monkeypatch.setattr(butterfly, "CAYLEY_SLICE", 3 * 64)
+    monkeypatch.setattr(chunk_ops, "LEVEL_SLICE", 1)
+    for got, want in zip(run(), whole):
+        torch.testing.assert_close(got, want, atol=1e-13, rtol=0)
 
 
 def test_rotated_linear_gradients_are_exact():
