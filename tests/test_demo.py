@@ -65,3 +65,24 @@ def test_batched_evaluation_draws_each_image_from_its_own_seed():
     assert len(b) == 3
     assert all(np.abs(x - y).max() <= 1 for x, y in zip(a, b))
     assert np.abs(a[0] - a[1]).mean() > 5  # different seeds really give different images
+
+
+def test_threads_follow_the_request_then_the_cores_idle_now(monkeypatch):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert demo.pick_threads(1) == 1
+        monkeypatch.setattr(demo.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+        monkeypatch.setattr(demo.os, "cpu_count", lambda: 2)
+        monkeypatch.setattr(demo.psutil, "cpu_percent", lambda interval: 0.0)
+        assert demo.pick_threads(None) == 2
+        monkeypatch.setattr(demo.psutil, "cpu_percent", lambda interval: 50.0)  # one core busy
+        assert demo.pick_threads(None) == 1
+        monkeypatch.setattr(demo.psutil, "cpu_percent", lambda interval: 100.0)
+        assert demo.pick_threads(None) == 1  # never fewer than one
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert demo.pick_threads(None) == 2
+    finally:
+        torch.set_num_threads(before)

@@ -135,3 +135,32 @@ def test_point_lists_and_class_maps_become_control_images():
     rendered = np.asarray(control_image_of({"conditioning_image": Image.fromarray(classes, "L")}, args, 32, "row 0"))
     assert rendered.shape == (32, 32, 3)
     assert (rendered[:, :14] == 0).all() and (rendered[:, 18:] == ADE20K_PALETTE[1]).all()  # unlabelled, "building"
+
+
+def test_cached_latents_are_the_posterior_each_step_would_encode_and_resume_exactly(tiny_sd_dir, tmp_path, monkeypatch):
+    """--cache_latents encodes each image once before training: every step then uses the very
+    posterior (mean, std) that encoding its batch would give (to float rounding of batched convs),
+    and a killed cached run resumes to the straight cached run exactly."""
+    from training import loop
+
+    seen = {"plain": [], "cached": []}
+    original = loop.noised
+
+    def recording(run, pixels, sample_ids, step_key, p_empty=0.0, posterior=None):
+        kind = "plain" if posterior is None else "cached"
+        seen[kind].append(loop.encode(run, pixels) if posterior is None else posterior)
+        return original(run, pixels, sample_ids, step_key, p_empty, posterior)
+
+    monkeypatch.setattr(loop, "noised", recording)
+    train_control.main(args_for(tiny_sd_dir, tmp_path / "plain"))
+    cached = tmp_path / "cached"
+    train_control.main(args_for(tiny_sd_dir, cached, "--cache_latents"))
+    assert len(seen["plain"]) == len(seen["cached"]) == 4
+    for (mean_a, std_a), (mean_b, std_b) in zip(seen["plain"], seen["cached"]):
+        torch.testing.assert_close(mean_b, mean_a, atol=1e-5, rtol=0)
+        torch.testing.assert_close(std_b, std_a, atol=1e-5, rtol=0)
+    monkeypatch.setattr(loop, "noised", original)
+    killed = tmp_path / "killed"
+    run_until_first_checkpoint(train_control.main, args_for(tiny_sd_dir, killed, "--cache_latents"), monkeypatch)
+    train_control.main(args_for(tiny_sd_dir, killed, "--cache_latents", "--resume_from_checkpoint", "latest"))
+    assert_same(adapter(killed), adapter(cached), atol=0)

@@ -37,6 +37,9 @@ def add_data_args(parser) -> None:
     a("--max_train_samples", type=positive, default=None)
     a("--synthetic_samples", type=positive, default=2000, help="Size of the synthetic set used when no dataset is given.")
     a("--proportion_empty_prompts", type=float, default=0.0, help="Share of captions replaced by '' (for CFG).")
+    a("--cache_latents", action="store_true",
+      help="Encode every training image with the VAE once before training rather than at every step (each "
+           "image's resize and crop are fixed): faster when the dataset's latents fit in memory.")
 
 
 def load_control_dataset(args, resolution: int, split_seed_offset: int = 0, time_ids: bool = False) -> "ControlRows":
@@ -170,6 +173,7 @@ class ControlRows(torch.utils.data.Dataset):
             "pixel_values": to_tensor(resize_center_crop(image, self.resolution, Image.BICUBIC)) * 2 - 1,
             "conditioning_pixel_values": to_tensor(control),
             "caption": caption[0] if isinstance(caption, (list, tuple)) else caption,
+            "row": int(index),
         }
         if self.time_ids:
             _, (left, top) = resize_crop_geometry(*image.size, self.resolution)
@@ -178,6 +182,11 @@ class ControlRows(torch.utils.data.Dataset):
 
 
 def collate(examples: list[dict]) -> dict:
-    """Tensors stacked, (B, 3, H, W) images and (B, 6) time ids; captions as a list."""
-    return {key: [e[key] for e in examples] if key == "caption" else torch.stack([e[key] for e in examples])
-            for key in examples[0]}
+    """Tensors stacked, (B, 3, H, W) images and (B, 6) time ids; row indices (B,); captions as a list."""
+    def column(key):
+        values = [e[key] for e in examples]
+        if key == "caption":
+            return values
+        return torch.tensor(values) if key == "row" else torch.stack(values)
+
+    return {key: column(key) for key in examples[0]}

@@ -233,18 +233,41 @@ def prediction_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tenso
     raise ValueError(f"prediction_type {kind!r} is not one of {', '.join(common.PREDICTION_TYPES)}.")
 
 
-def noised(run: Run, pixels: torch.Tensor, sample_ids: list[int], step_key: int, p_empty: float = 0.0):
-    """(noisy latents, timesteps, target, drop_prompt (B,) bool) of images in [-1, 1], each sample's
-    latent noise, diffusion noise, timestep and prompt dropout drawn from its own index."""
+def encode(run: Run, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior's (mean, std) of images in [-1, 1], in the VAE's dtype (fp32 for an SDXL VAE
+    under fp16, see common.load_components)."""
+    with torch.no_grad():
+        posterior = run.vae.encode(pixels.to(run.device, run.vae.dtype)).latent_dist
+    return posterior.mean, posterior.std
+
+
+def encode_dataset(run: Run, dataset, collate, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of every row's image, in row order, for --cache_latents: one pass before training,
+    in fixed batches, so a resumed run reads the very same values."""
+    means, stds = [], []
+    rows = range(len(dataset))
+    for start in tqdm(range(0, len(dataset), batch_size), desc="caching latents",
+                      disable=not run.accelerator.is_local_main_process):
+        batch = collate([dataset[i] for i in rows[start:start + batch_size]])
+        mean, std = encode(run, batch["pixel_values"])
+        means.append(mean)
+        stds.append(std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def noised(run: Run, pixels: torch.Tensor | None, sample_ids: list[int], step_key: int, p_empty: float = 0.0,
+           posterior: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """(noisy latents, timesteps, target, drop_prompt (B,) bool) of images in [-1, 1] (or of their
+    cached VAE `posterior` (mean, std)), each sample's latent noise, diffusion noise, timestep and
+    prompt dropout drawn from its own index."""
     args, device, dtype = run.args, run.device, run.weight_dtype
-    with torch.no_grad():  # in the VAE's dtype: fp32 for an SDXL VAE under fp16 (common.load_components)
-        posterior = run.vae.encode(pixels.to(device, run.vae.dtype)).latent_dist
+    mean, std = posterior if posterior is not None else encode(run, pixels)
     noise, timesteps, drop = per_sample_noise(
-        (2, *posterior.mean.shape[1:]), args.seed, step_key, sample_ids, run.noise_scheduler.config.num_train_timesteps,
+        (2, *mean.shape[1:]), args.seed, step_key, sample_ids, run.noise_scheduler.config.num_train_timesteps,
         p_empty, args.timestep_sampling,
     )
     vae_noise, noise = noise[:, 0].to(device, dtype), noise[:, 1].to(device, dtype)
-    latents = ((posterior.mean + posterior.std * vae_noise) * run.vae.config.scaling_factor).to(dtype)
+    latents = ((mean + std * vae_noise) * run.vae.config.scaling_factor).to(dtype)
     timesteps = timesteps.to(device)
     noisy = run.noise_scheduler.add_noise(latents, noise, timesteps)
     return noisy, timesteps, prediction_target(run.noise_scheduler, latents, noise, timesteps), drop

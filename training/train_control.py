@@ -65,11 +65,13 @@ def main(argv=None) -> dict:
     prompts = PromptEncoder(run)
     empty_ids = prompts.ids([""])
     prepared_head = run.modules[0]
+    latents = loop.encode_dataset(run, dataset, collate) if args.cache_latents else None
 
     def loss_fn(batch, indices, step_key):
         """Denoising loss with the control residual; captions dropped to "" at --proportion_empty_prompts."""
+        posterior = None if latents is None else tuple(t[batch["row"].to(t.device)] for t in latents)
         noisy, timesteps, target, drop = loop.noised(run, batch["pixel_values"], indices, step_key,
-                                                     args.proportion_empty_prompts)
+                                                     args.proportion_empty_prompts, posterior)
         ids = [torch.where(drop[:, None], empty.expand_as(i), i) for i, empty in zip(prompts.ids(batch["caption"]), empty_ids)]
         with torch.no_grad():
             text = prompts.encode(ids)
