@@ -245,10 +245,9 @@ def encode_dataset(run: Run, dataset, collate, batch_size: int = 64) -> tuple[to
     """(mean, std) of every row's image, in row order, for --cache_latents: one pass before training,
     in fixed batches, so a resumed run reads the very same values."""
     means, stds = [], []
-    rows = range(len(dataset))
     for start in tqdm(range(0, len(dataset), batch_size), desc="caching latents",
                       disable=not run.accelerator.is_local_main_process):
-        batch = collate([dataset[i] for i in rows[start:start + batch_size]])
+        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
         mean, std = encode(run, batch["pixel_values"])
         means.append(mean)
         stds.append(std)
