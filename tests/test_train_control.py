@@ -137,30 +137,42 @@ def test_point_lists_and_class_maps_become_control_images():
     assert (rendered[:, :14] == 0).all() and (rendered[:, 18:] == ADE20K_PALETTE[1]).all()  # unlabelled, "building"
 
 
-def test_cached_latents_are_the_posterior_each_step_would_encode_and_resume_exactly(tiny_sd_dir, tmp_path, monkeypatch):
-    """--cache_latents encodes each image once before training: every step then uses the very
-    posterior (mean, std) that encoding its batch would give (to float rounding of batched convs),
-    and a killed cached run resumes to the straight cached run exactly."""
+def test_cached_latents_and_captions_are_what_each_step_would_encode_and_resume_exactly(tiny_sd_dir, tmp_path, monkeypatch):
+    """--cache_latents encodes each image and each distinct caption once before training: every step
+    then uses the very posterior (mean, std) and text embeddings (dropped captions included) that
+    encoding its batch would give (to float rounding of batched matmuls), without decoding the
+    training images again, and a killed cached run resumes to the straight cached run exactly."""
     from training import loop
 
     seen = {"plain": [], "cached": []}
-    original = loop.noised
+    texts = {"plain": [], "cached": []}
+    original, original_predict = loop.noised, train_control.predict
 
     def recording(run, pixels, sample_ids, step_key, p_empty=0.0, posterior=None):
         kind = "plain" if posterior is None else "cached"
+        assert (pixels is None) == (kind == "cached")  # cached runs no longer decode training images
         seen[kind].append(loop.encode(run, pixels) if posterior is None else posterior)
         return original(run, pixels, sample_ids, step_key, p_empty, posterior)
 
+    def recording_predict(unet, noisy, timesteps, text, time_ids=None):
+        texts["cached" if len(texts["plain"]) == 4 else "plain"].append(text["encoder_hidden_states"])
+        return original_predict(unet, noisy, timesteps, text, time_ids)
+
     monkeypatch.setattr(loop, "noised", recording)
-    train_control.main(args_for(tiny_sd_dir, tmp_path / "plain"))
+    monkeypatch.setattr(train_control, "predict", recording_predict)
+    dropout = ("--proportion_empty_prompts", "0.5")
+    train_control.main(args_for(tiny_sd_dir, tmp_path / "plain", *dropout))
     cached = tmp_path / "cached"
-    train_control.main(args_for(tiny_sd_dir, cached, "--cache_latents"))
-    assert len(seen["plain"]) == len(seen["cached"]) == 4
+    train_control.main(args_for(tiny_sd_dir, cached, "--cache_latents", *dropout))
+    assert len(seen["plain"]) == len(seen["cached"]) == len(texts["cached"]) == 4
     for (mean_a, std_a), (mean_b, std_b) in zip(seen["plain"], seen["cached"]):
         torch.testing.assert_close(mean_b, mean_a, atol=1e-5, rtol=0)
         torch.testing.assert_close(std_b, std_a, atol=1e-5, rtol=0)
+    for text_a, text_b in zip(texts["plain"], texts["cached"]):
+        torch.testing.assert_close(text_b, text_a, atol=1e-5, rtol=0)
     monkeypatch.setattr(loop, "noised", original)
+    monkeypatch.setattr(train_control, "predict", original_predict)
     killed = tmp_path / "killed"
-    run_until_first_checkpoint(train_control.main, args_for(tiny_sd_dir, killed, "--cache_latents"), monkeypatch)
-    train_control.main(args_for(tiny_sd_dir, killed, "--cache_latents", "--resume_from_checkpoint", "latest"))
+    run_until_first_checkpoint(train_control.main, args_for(tiny_sd_dir, killed, "--cache_latents", *dropout), monkeypatch)
+    train_control.main(args_for(tiny_sd_dir, killed, "--cache_latents", *dropout, "--resume_from_checkpoint", "latest"))
     assert_same(adapter(killed), adapter(cached), atol=0)

@@ -17,7 +17,7 @@ from train_helpers import run_until_first_checkpoint
 from boft_diffusion.identifier import IDENTIFIER_FILE
 from pipelines import BOFTStableDiffusionXLPipeline, load_pipeline
 from training import common, control_data, evaluate_subject, loop, subject_data, train_control, train_subject
-from training.conditioning import POOLED, TEXT, PromptEncoder, time_ids
+from training.conditioning import POOLED, TEXT, CaptionTable, PromptEncoder, time_ids
 
 COMMON = ["--report_to", "none", "--train_batch_size", "2", "--max_train_steps", "4", "--learning_rate", "1e-2",
           "--boft_block_size", "8", "--boft_n_butterfly_factors", "2", "--checkpointing_steps", "2",
@@ -68,6 +68,13 @@ def test_text_conditioning_and_time_ids_equal_the_sdxl_pipelines(xl_dir):
     assert text[TEXT].shape == (2, pipe.tokenizer.model_max_length, 64)  # 32 + 32 wide: both encoders
     torch.testing.assert_close(text[TEXT], embeds, atol=0, rtol=0)
     torch.testing.assert_close(text[POOLED], pooled, atol=0, rtol=0)
+    # --cache_latents: each distinct caption encoded once, then gathered per batch (duplicates, "" too)
+    table = CaptionTable(PromptEncoder(run), ["a sks circle", "a red square", "a sks circle"], batch_size=1)
+    assert table.captions == ["", "a red square", "a sks circle"]
+    batch = ["a sks circle", "", "a red square", "a sks circle"]
+    gathered, encoded = table(batch), PromptEncoder(run)(batch)
+    for key in (TEXT, POOLED):
+        torch.testing.assert_close(gathered[key], encoded[key], atol=1e-6, rtol=0)
     expected = pipe._get_add_time_ids((40, 48), (0, 3), (32, 32), torch.float32, text_encoder_projection_dim=32)
     assert torch.equal(time_ids((40, 48), (0, 3), 32)[None], expected)
 

@@ -52,6 +52,22 @@ class PromptEncoder:
         return self.encode(self.ids(captions))
 
 
+class CaptionTable:
+    """PromptEncoder outputs of every distinct caption (and ""), encoded once in fixed batches: with
+    frozen text encoders a step then gathers rows instead of tokenizing and encoding (--cache_latents)."""
+
+    def __init__(self, prompts: PromptEncoder, captions, batch_size: int = 64):
+        self.captions = sorted(set(captions) | {""})
+        self.index = {caption: i for i, caption in enumerate(self.captions)}
+        with torch.no_grad():
+            parts = [prompts(self.captions[i : i + batch_size]) for i in range(0, len(self.captions), batch_size)]
+        self.table = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+
+    def __call__(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        rows = torch.tensor([self.index[caption] for caption in captions])
+        return {key: values[rows.to(values.device)] for key, values in self.table.items()}
+
+
 def predict(unet, noisy: torch.Tensor, timesteps: torch.Tensor, text: dict, time_ids: torch.Tensor | None = None):
     """The UNet's prediction for noisy latents under `text` (PromptEncoder's output) and, for SDXL,
     the batch's (B, 6) time ids."""

@@ -38,8 +38,9 @@ def add_data_args(parser) -> None:
     a("--synthetic_samples", type=positive, default=2000, help="Size of the synthetic set used when no dataset is given.")
     a("--proportion_empty_prompts", type=float, default=0.0, help="Share of captions replaced by '' (for CFG).")
     a("--cache_latents", action="store_true",
-      help="Encode every training image with the VAE once before training rather than at every step (each "
-           "image's resize and crop are fixed): faster when the dataset's latents fit in memory.")
+      help="Encode every training image (VAE) and every distinct caption (text encoder) once before training "
+           "rather than at every step (each image's resize and crop are fixed): faster when the dataset's latents "
+           "and caption embeddings fit in memory.")
 
 
 def load_control_dataset(args, resolution: int, split_seed_offset: int = 0, time_ids: bool = False) -> "ControlRows":
@@ -156,29 +157,39 @@ class ControlRows(torch.utils.data.Dataset):
     """Rows of a `datasets.Dataset` as tensors: pixel_values in [-1, 1], conditioning_pixel_values in
     [0, 1] (both (3, H, W)) and the caption; with `time_ids`, the image's SDXL time ids (6,) (its size
     and the centre crop's corner). Images are decoded here, so an unreadable one is named by its row
-    and file rather than deep inside `datasets`."""
+    and file rather than deep inside `datasets`. With `decode_images` off (once --cache_latents has
+    encoded them) items carry no pixel_values and the training images are not decoded."""
 
     def __init__(self, rows, args, resolution: int, root: str | None = None, time_ids: bool = False):
         self.rows, self.args, self.resolution, self.root, self.time_ids = rows, args, resolution, root, time_ids
+        self.decode_images = True
 
     def __len__(self) -> int:
         return len(self.rows)
 
+    def captions(self) -> list[str]:
+        return [first_caption(c) for c in self.rows[self.args.caption_column]]
+
     def __getitem__(self, index: int) -> dict:
         args, row, what = self.args, self.rows[int(index)], f"row {index} of the dataset"
-        image = to_rgb(read_image(row[args.image_column], f"image of {what}", self.root))
+        image = read_image(row[args.image_column], f"image of {what}", self.root, load=self.decode_images)
         control = control_image_of(row, args, self.resolution, what, image.size, self.root)
-        caption = row[args.caption_column]
         item = {
-            "pixel_values": to_tensor(resize_center_crop(image, self.resolution, Image.BICUBIC)) * 2 - 1,
             "conditioning_pixel_values": to_tensor(control),
-            "caption": caption[0] if isinstance(caption, (list, tuple)) else caption,
+            "caption": first_caption(row[args.caption_column]),
             "row": int(index),
         }
+        if self.decode_images:
+            item["pixel_values"] = to_tensor(resize_center_crop(to_rgb(image), self.resolution, Image.BICUBIC)) * 2 - 1
         if self.time_ids:
             _, (left, top) = resize_crop_geometry(*image.size, self.resolution)
             item["time_ids"] = conditioning.time_ids((image.height, image.width), (top, left), self.resolution)
         return item
+
+
+def first_caption(caption) -> str:
+    """A row's caption: the string, or the first of a list (as diffusers does)."""
+    return caption[0] if isinstance(caption, (list, tuple)) else caption
 
 
 def collate(examples: list[dict]) -> dict:

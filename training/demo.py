@@ -27,7 +27,7 @@ if __package__ in (None, ""):
 from boft_diffusion.data import decode_segmentation, make_dataset
 from boft_diffusion.tiny import resolve_model
 from pipelines import BOFTPipeline, interpolation_grid
-from training import train_control
+from training import malloc, train_control
 from training.validation import score
 
 # (metric keys of the table, the one plotted, its label, whether lower is better) per task
@@ -235,6 +235,7 @@ def _nice_top(value: float) -> float:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     threads = pick_threads(args.num_threads)
+    malloc.keep_freed_memory()
     adapter_dir = os.path.join(args.output_dir, "adapter")
     seconds = {}
     started = time.perf_counter()

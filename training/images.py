@@ -26,10 +26,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return Image.fromarray(grey).convert("RGB")
 
 
-def read_image(value, what: str, root: str | None = None) -> Image.Image:
+def read_image(value, what: str, root: str | None = None, load: bool = True) -> Image.Image:
     """A dataset cell (PIL image, path, or `datasets` {"bytes", "path"} dict) as a loaded PIL image
-    in its own mode; relative paths are taken from `root` (the data folder). Raises a ValueError naming
-    `what` and the file."""
+    in its own mode (with `load` off, only its header read: size and mode); relative paths are taken from
+    `root` (the data folder). Raises a ValueError naming `what` and the file."""
     source = what
     try:
         if isinstance(value, Image.Image):
@@ -43,7 +43,10 @@ def read_image(value, what: str, root: str | None = None) -> Image.Image:
             image = Image.open(path)
         else:
             raise TypeError(f"unsupported value of type {type(value).__name__}")
-        image.load()
+        if load:
+            image.load()
+        elif image is not value:
+            image.close()  # keeps size and mode
     except Exception as err:  # PIL raises many types for bad files; all mean "not a readable image"
         raise ValueError(f"{source} could not be read as an image: {err}") from None
     return image

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from boft_diffusion import BOFTConfig, add_boft, boft_parameters, describe, get_adapter, save_boft
 from boft_diffusion.control import ControlHead
 from boft_diffusion.unet import rotations
-from training import checkpoints, common
+from training import checkpoints, common, malloc
 
 logger = logging.getLogger("boft_diffusion.training")
 
@@ -90,6 +90,8 @@ def start(args) -> Run:
         project_config=project,
         dataloader_config=DataLoaderConfiguration(split_batches=True),
     )
+    if accelerator.device.type == "cpu":
+        malloc.keep_freed_memory()
     set_seed(args.seed)  # module inits (e.g. a control head); noise is seeded per sample (per_sample_noise)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     parts = common.load_components(args.pretrained_model_name_or_path, weight_dtype, args.revision, args.variant)
@@ -330,7 +332,7 @@ def finish_step(run: Run, step: int, logs: dict, progress) -> dict | None:
     schedules (or the last step) say so. Returns the validation's metrics when it ran."""
     args, accelerator = run.args, run.accelerator
     progress.update(1)
-    progress.set_postfix(**logs)
+    progress.set_postfix(**logs, refresh=False)  # tqdm redraws at its own pace
     accelerator.log(logs, step=step)
     last = step == run.max_train_steps
     if step % args.checkpointing_steps == 0 or last:

@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # `python training/train_control.py` from a check
 
 from boft_diffusion.control import ControlHead, control_residual
 from training import common, loop
-from training.conditioning import PromptEncoder, predict
+from training.conditioning import CaptionTable, PromptEncoder, predict
 from training.control_data import add_data_args, collate, load_control_dataset
 from training.validation import ControlValidator
 
@@ -65,16 +65,23 @@ def main(argv=None) -> dict:
     prompts = PromptEncoder(run)
     empty_ids = prompts.ids([""])
     prepared_head = run.modules[0]
-    latents = loop.encode_dataset(run, dataset, collate) if args.cache_latents else None
+    latents = captions = None
+    if args.cache_latents:
+        latents = loop.encode_dataset(run, dataset, collate)
+        captions = CaptionTable(prompts, dataset.captions())
+        dataset.decode_images = False  # only the control images are read from here on
 
     def loss_fn(batch, indices, step_key):
         """Denoising loss with the control residual; captions dropped to "" at --proportion_empty_prompts."""
         posterior = None if latents is None else tuple(t[batch["row"].to(t.device)] for t in latents)
-        noisy, timesteps, target, drop = loop.noised(run, batch["pixel_values"], indices, step_key,
+        noisy, timesteps, target, drop = loop.noised(run, batch.get("pixel_values"), indices, step_key,
                                                      args.proportion_empty_prompts, posterior)
-        ids = [torch.where(drop[:, None], empty.expand_as(i), i) for i, empty in zip(prompts.ids(batch["caption"]), empty_ids)]
-        with torch.no_grad():
-            text = prompts.encode(ids)
+        if captions is not None:
+            text = captions(["" if dropped else c for c, dropped in zip(batch["caption"], drop.tolist())])
+        else:
+            ids = [torch.where(drop[:, None], empty.expand_as(i), i) for i, empty in zip(prompts.ids(batch["caption"]), empty_ids)]
+            with torch.no_grad():
+                text = prompts.encode(ids)
         residual = prepared_head(batch["conditioning_pixel_values"].to(run.device))  # (B, C, h, w), fp32
         with control_residual(run.base_unet, residual):
             pred = predict(run.unet, noisy, timesteps, text, batch.get("time_ids"))
