@@ -31,7 +31,8 @@ Modes (``--modes``, comma separated):
 
 ``ours`` and ``infer_unmerged`` accept ``:input`` / ``:weight`` suffixes (or ``--force_side``)
 that force `boft_diffusion.layers.rotate_input_side` to one answer; ``--cost_rule`` adds the
-forced runs and ``sides``. Step time = forward + loss + backward + AdamW step (median of the
+forced runs and ``sides``. Every mode runs as the trainers run: fused AdamW, and on CPU glibc
+keeping freed memory (`training.malloc`). Step time = forward + loss + backward + AdamW step (median of the
 measured steps, after one warmup step). Memory: the child's own kernel counters, not
 sampling: ``peak_rss_gb`` = max(ru_maxrss after setup, VmHWM during the steps) = the
 process's whole-life peak; ``step_peak_gb`` = VmHWM during the steps (reset with
@@ -321,7 +322,7 @@ def run_training(mode: str, side: str, args, device) -> dict:
         info["params"] = 0
     else:
         info["params"] = sum(p.numel() for p in params)
-    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=1e-2)
+    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=1e-2, fused=device.type in ("cpu", "cuda"))
 
     def step():
         with torch.autocast(device.type, dtype=torch_dtype(args.dtype), enabled=args.dtype != "fp32"):
@@ -485,6 +486,10 @@ def child_main(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.device == "cpu":
+        from training import malloc
+
+        malloc.keep_freed_memory()
     torch.set_num_interop_threads(1)
     device = torch.device(args.device)
     use_model(args)

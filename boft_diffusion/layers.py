@@ -379,11 +379,13 @@ def _rotate(z: torch.Tensor, stage: tuple, tensor: torch.Tensor) -> torch.Tensor
     return kernels.rotate(z, tensor, stage[1], False)
 
 
-def _rotate_backward(z: torch.Tensor, grad: torch.Tensor, stage: tuple, tensor: torch.Tensor, need: bool):
-    """(dL/dz, dL/dtensor or None) for out = _rotate(z, stage, tensor)."""
+def _rotate_backward(z: torch.Tensor, grad: torch.Tensor, stage: tuple, tensor: torch.Tensor, need: bool,
+                     need_z: bool = True):
+    """(dL/dz (None when not `need_z` and skipping it saves work), dL/dtensor or None) for
+    out = _rotate(z, stage, tensor)."""
     if stage[0] == "chunks":
         grad_tensor = chunk_ops.chunks_grad(z, grad, tensor.shape[0]).to(tensor.dtype) if need else None
-        return chunk_ops.rotate(grad, tensor, transpose=True), grad_tensor
+        return (chunk_ops.rotate(grad, tensor, transpose=True) if need_z else None), grad_tensor
     return kernels.rotate_backward(z, grad, tensor, stage[1], False, need)
 
 
@@ -428,7 +430,8 @@ class RotatedLinear(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             g = grad.to(dtype)
             g_u = g * scale.to(dtype)
-            g_z = torch.matmul(g_u, weight.to(dtype))  # (..., d)
+            # dL/dz: for x's gradient and the rotations' (text k/v need only the latter)
+            g_z = torch.matmul(g_u, weight.to(dtype)) if need[0] or any(need[5:]) else None
             inputs = [x.to(dtype)]  # each rotation's input (and the last output, for dL/dW)
             for stage, tensor in zip(stages, tensors):
                 if len(inputs) >= len(tensors) + need[1]:
@@ -438,8 +441,8 @@ class RotatedLinear(torch.autograd.Function):
             if need[1]:
                 grad_weight = (g_u.reshape(-1, g_u.shape[-1]).mT @ inputs.pop().reshape(-1, x.shape[-1])).to(weight.dtype)
             grad_tensors = [None] * len(tensors)
-            for j in range(len(tensors) - 1, -1, -1):
-                g_z, grad_tensors[j] = _rotate_backward(inputs[j], g_z, stages[j], tensors[j], need[5 + j])
+            for j in range(len(tensors) - 1, -1, -1):  # dL/dx only when x needs it (not for text k/v)
+                g_z, grad_tensors[j] = _rotate_backward(inputs[j], g_z, stages[j], tensors[j], need[5 + j], j > 0 or need[0])
             grad_scale = grad_bias = None
             if need[3]:
                 grad_scale = (g.float() * u.float()).reshape(-1, g.shape[-1]).sum(0).to(scale.dtype)

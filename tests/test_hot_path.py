@@ -75,20 +75,21 @@ def test_rotated_linear_gradients_are_exact():
     assert torch.autograd.gradcheck(lambda x, w, bias, s, c, q: RotatedLinear.apply(x, w, bias, s, stages, c, q), inputs)
 
 
+@pytest.mark.parametrize("input_grad", [True, False])  # False: text k/v, whose input needs no gradient
 @pytest.mark.parametrize("tokens", [2, 300])  # few tokens: factored blocks; many: chunks
-def test_boft_linear_equals_the_dense_math_for_composed_and_fractional_adapters(tokens):
+def test_boft_linear_equals_the_dense_math_for_composed_and_fractional_adapters(tokens, input_grad):
     d, o, b = 32, 24, 4
     linear = nn.Linear(d, o).requires_grad_(False)
     rotations = [ButterflyRotation(d, o, b, 3, init="random"), ButterflyRotation(d, o, b, 2, init="random")]
     rotations[0].set_active((1.0, 0.5, 1.0))
-    x = torch.randn(tokens, d, requires_grad=True)
+    x = torch.randn(tokens, d, requires_grad=input_grad)
     y = layers.boft_linear(x, linear, rotations)
     z = x
     for r in rotations:
         z = rotate_rows(z, cayley(r.scaled_skew(), b), r.active)
     expected = (z @ linear.weight.T) * rotations[0].boft_s * rotations[1].boft_s + linear.bias
     torch.testing.assert_close(y, expected, atol=1e-5, rtol=0)
-    params = [x] + [p for r in rotations for p in r.parameters()]
+    params = [x] * input_grad + [p for r in rotations for p in r.parameters()]
     dy = torch.randn_like(y)
     for got, want in zip(torch.autograd.grad(y, params, dy), torch.autograd.grad(expected, params, dy)):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)

@@ -146,13 +146,14 @@ class BuildChunks(torch.autograd.Function):
 
 
 def rotate(x: torch.Tensor, chunks: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-    """x R (or x R^T) for rows x (..., d) and R's chunks (d/c, c, c); no autograd graph."""
+    """x R (or x R^T) for rows x (..., d) and R's chunks (d/c, c, c); no autograd graph.
+
+    einsum, not bmm into a transposed `out`: with rows strided by d, CPU bmm falls back to one
+    small matmul per chunk (two `select`s each, 30 ms a step at SD size with m = 1, where chunks
+    are 8 wide), while einsum's own layout runs 10-60% faster at c = 8 and up to 18% at c = 64."""
     n, c, _ = chunks.shape
-    rows = x.reshape(-1, n, c)  # (rows, d/c, c)
-    out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
     mats = chunks.mT if transpose else chunks
-    torch.bmm(rows.transpose(0, 1), mats.to(x.dtype), out=out.transpose(0, 1))  # (d/c, rows, c) per chunk
-    return out.view(x.shape)
+    return torch.einsum("rnk,nkc->rnc", x.reshape(-1, n, c), mats.to(x.dtype)).reshape(x.shape)
 
 
 def chunks_grad(x: torch.Tensor, grad: torch.Tensor, n_chunks: int, transpose: bool = False) -> torch.Tensor:
