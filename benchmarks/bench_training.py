@@ -151,12 +151,12 @@ def use_model(args) -> None:
         vae = json.loads((Path(model_path()) / "vae" / "config.json").read_text())
         text = json.loads((Path(model_path()) / "text_encoder" / "config.json").read_text())
         args.latent = args.tiny_pixels // 2 ** (len(vae["block_out_channels"]) - 1)
-        args.batch, args.factors = args.tiny_batch, args.tiny_factors
+        args.batch, args.factors, args.steps = args.tiny_batch, args.tiny_factors, args.tiny_steps
         args.text_tokens, args.text_dim = text["max_position_embeddings"], text["hidden_size"]
 
 
 def model_settings(args) -> dict:
-    return {k: getattr(args, k) for k in ("model", "latent", "batch", "infer_batch", "block_size", "factors", "dtype")}
+    return {k: getattr(args, k) for k in ("model", "latent", "batch", "infer_batch", "block_size", "factors", "dtype", "steps")}
 
 
 def torch_dtype(name: str):
@@ -560,7 +560,7 @@ def markdown(results: dict, args) -> str:
     lines = [
         f"Training step (forward + backward + AdamW), batch {st['batch']}, {st['latent']}x{st['latent']} latents, "
         f"b={st['block_size']}, m={st['factors']}, {st.get('dtype', 'fp32')} weights"
-        f"{' + autocast' if st.get('dtype', 'fp32') != 'fp32' else ''}, {args.threads} thread(s), median of {args.steps} step(s) "
+        f"{' + autocast' if st.get('dtype', 'fp32') != 'fp32' else ''}, {args.threads} thread(s), median of {st.get('steps', args.steps)} step(s) "
         f"({args.peft_steps} for peft_boft) after 1 warmup; ratios use {clock} time:",
         "",
         "| mode | params | step wall (s) | step CPU (s) | / floor | / LoRA matched | / LoRA r8 "
@@ -727,6 +727,8 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=1, help="training batch size")
     p.add_argument("--infer_batch", type=int, default=2, help="inference batch (2 = one prompt with CFG)")
     p.add_argument("--steps", type=int, default=3, help="measured training steps per mode (after 1 warmup); median")
+    p.add_argument("--tiny_steps", type=int, default=30,
+                   help="measured training steps per mode for the tiny model (0.1 s each: 3 would be noise)")
     p.add_argument("--peft_steps", type=int, default=1, help="measured steps for peft_boft (slow: ~1 min/step on CPU)")
     p.add_argument("--infer_steps", type=int, default=3, help="measured UNet calls per inference mode (after 1 warmup)")
     p.add_argument("--side_reps", type=int, default=5, help="repetitions per shape in the 'sides' microbenchmark")
