@@ -441,7 +441,7 @@ class RotatedLinear(torch.autograd.Function):
             if need[1]:
                 grad_weight = (g_u.reshape(-1, g_u.shape[-1]).mT @ inputs.pop().reshape(-1, x.shape[-1])).to(weight.dtype)
             grad_tensors = [None] * len(tensors)
-            for j in range(len(tensors) - 1, -1, -1):  # dL/dx only when x needs it (not for text k/v)
+            for j in range(len(tensors) - 1, -1, -1) if g_z is not None else ():  # dL/dx only when x needs it
                 g_z, grad_tensors[j] = _rotate_backward(inputs[j], g_z, stages[j], tensors[j], need[5 + j], j > 0 or need[0])
             grad_scale = grad_bias = None
             if need[3]:

@@ -95,6 +95,27 @@ def test_boft_linear_equals_the_dense_math_for_composed_and_fractional_adapters(
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("tokens", [2, 300])
+def test_only_the_scale_trained_on_an_input_without_gradient(tokens):
+    """Frozen rotations, trained s, an input that needs no gradient (text k/v): nothing to rotate
+    back, and dL/ds still equals the dense math."""
+    d, o, b = 32, 24, 4
+    linear = nn.Linear(d, o).requires_grad_(False)
+    rotations = [ButterflyRotation(d, o, b, 3, init="random"), ButterflyRotation(d, o, b, 2, init="random")]
+    for r in rotations:
+        r.boft_skew.requires_grad_(False)
+    x = torch.randn(tokens, d)
+    y = layers.boft_linear(x, linear, rotations)
+    z = x
+    for r in rotations:
+        z = rotate_rows(z, cayley(r.scaled_skew(), b), r.active)
+    expected = (z @ linear.weight.T) * rotations[0].boft_s * rotations[1].boft_s + linear.bias
+    scales = [r.boft_s for r in rotations]
+    dy = torch.randn_like(y)
+    for got, want in zip(torch.autograd.grad(y, scales, dy), torch.autograd.grad(expected, scales, dy)):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
 def linked(n=3, d=64, seed=0):
     torch.manual_seed(seed)
     wraps = []

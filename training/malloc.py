@@ -3,7 +3,7 @@
 Each step frees and re-allocates the same activations. glibc serves blocks above its mmap threshold
 (128 KiB, adapting up to 32 MiB) with fresh mappings and returns freed heap tops to the kernel, so
 every step touches new pages, each a page fault (~4 us on a VM: ~4000 a step, 7% of the tiny model's
-training step and 15% of the demo's sampling). Keeping freed memory for reuse removes them; PyTorch's
+training step). Keeping freed memory for reuse removes them; PyTorch's
 CPU performance guide gets the same from jemalloc or tcmalloc. Other allocators are left alone.
 """
 
