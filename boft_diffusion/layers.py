@@ -444,10 +444,11 @@ class RotatedLinear(torch.autograd.Function):
             for j in range(len(tensors) - 1, -1, -1) if g_z is not None else ():  # dL/dx only when x needs it
                 g_z, grad_tensors[j] = _rotate_backward(inputs[j], g_z, stages[j], tensors[j], need[5 + j], j > 0 or need[0])
             grad_scale = grad_bias = None
+            wide = torch.promote_types(g.dtype, torch.float32)  # sums over tokens: fp16/bf16 -> fp32, fp64 stays
             if need[3]:
-                grad_scale = (g.float() * u.float()).reshape(-1, g.shape[-1]).sum(0).to(scale.dtype)
+                grad_scale = (g.to(wide) * u.to(wide)).reshape(-1, g.shape[-1]).sum(0).to(scale.dtype)
             if ctx.bias_dtype is not None and need[2]:
-                grad_bias = g.float().reshape(-1, g.shape[-1]).sum(0).to(ctx.bias_dtype)
+                grad_bias = g.to(wide).reshape(-1, g.shape[-1]).sum(0).to(ctx.bias_dtype)
         grad_x = g_z.to(x.dtype) if need[0] else None
         return grad_x, grad_weight, grad_bias, grad_scale, None, *grad_tensors
 

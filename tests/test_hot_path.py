@@ -95,6 +95,20 @@ def test_boft_linear_equals_the_dense_math_for_composed_and_fractional_adapters(
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
+def test_float64_gradients_stay_float64():
+    """The token sums for dL/ds and dL/dbias widen fp16/bf16 to fp32 but never narrow fp64."""
+    d, o, b = 32, 24, 4
+    linear = nn.Linear(d, o).double()
+    rotation = ButterflyRotation(d, o, b, 3, init="random").double()
+    x = torch.randn(300, d, dtype=torch.float64, requires_grad=True)
+    y = layers.boft_linear(x, linear, [rotation])
+    expected = rotate_rows(x, cayley(rotation.boft_skew, b)) @ linear.weight.T * rotation.boft_s + linear.bias
+    params = [x, linear.weight, linear.bias, *rotation.parameters()]
+    dy = torch.randn_like(y)
+    for got, want in zip(torch.autograd.grad(y, params, dy), torch.autograd.grad(expected, params, dy)):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+
+
 @pytest.mark.parametrize("tokens", [2, 300])
 def test_only_the_scale_trained_on_an_input_without_gradient(tokens):
     """Frozen rotations, trained s, an input that needs no gradient (text k/v): nothing to rotate
