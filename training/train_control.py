@@ -62,13 +62,11 @@ def main(argv=None) -> dict:
     dataset = load_control_dataset(args, run.resolution, time_ids=run.family == "sdxl")
     loop.prepare(run, dataset, collate, control_head=head, other_lr=args.control_head_lr)
     run.validator = ControlValidator(run, head)
-    prompts = PromptEncoder(run)
-    empty_ids = prompts.ids([""])
     prepared_head = run.modules[0]
-    latents = captions = None
+    latents, text_of = None, PromptEncoder(run)
     if args.cache_latents:
         latents = loop.encode_dataset(run, dataset, collate)
-        captions = CaptionTable(prompts, dataset.captions())
+        text_of = CaptionTable(text_of, dataset.captions())
         dataset.decode_images = False  # only the control images are read from here on
 
     def loss_fn(batch, indices, step_key):
@@ -76,12 +74,8 @@ def main(argv=None) -> dict:
         posterior = None if latents is None else tuple(t[batch["row"].to(t.device)] for t in latents)
         noisy, timesteps, target, drop = loop.noised(run, batch.get("pixel_values"), indices, step_key,
                                                      args.proportion_empty_prompts, posterior)
-        if captions is not None:
-            text = captions(["" if dropped else c for c, dropped in zip(batch["caption"], drop.tolist())])
-        else:
-            ids = [torch.where(drop[:, None], empty.expand_as(i), i) for i, empty in zip(prompts.ids(batch["caption"]), empty_ids)]
-            with torch.no_grad():
-                text = prompts.encode(ids)
+        with torch.no_grad():
+            text = text_of(["" if dropped else c for c, dropped in zip(batch["caption"], drop.tolist())])
         residual = prepared_head(batch["conditioning_pixel_values"].to(run.device))  # (B, C, h, w), fp32
         with control_residual(run.base_unet, residual):
             pred = predict(run.unet, noisy, timesteps, text, batch.get("time_ids"))
