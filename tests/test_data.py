@@ -207,6 +207,6 @@ def test_dataset_follows_the_drawing_code_not_a_cache(monkeypatch):
     from boft_diffusion.data import folder
 
     before = np.asarray(make_dataset("landmarks", 2, seed=3)[0]["conditioning_image"])
-    monkeypatch.setattr(folder, "render_landmarks", lambda pts, size: render_landmarks(pts, size, radius=2.5))
+    monkeypatch.setattr(folder, "render_landmarks", lambda pts, size: render_landmarks(pts, size, radius=3.0))
     after = np.asarray(make_dataset("landmarks", 2, seed=3)[0]["conditioning_image"])
     assert (after > 0).sum() > 2 * (before > 0).sum()

@@ -37,14 +37,14 @@ METRICS = {
 }
 
 
-# Landmarks (the five-minute demo): a head slower than the rotations and timesteps drawn mostly
-# from the noisiest steps, where layout is decided, reach in 2300 steps what cubic sampling with
-# one rate for both needed 4000 for (README: what each recipe gave).
+# Landmarks (the five-minute demo): a head slower than the rotations, timesteps drawn mostly from
+# the noisiest steps, where layout is decided, and dots of radius 1.5 px reach in 2000 steps what
+# cubic sampling with one rate for both and 1 px dots needed 4000 for (README: what each recipe gave).
 # Segmentation maps are dense (whole regions of one colour, not a few dots): at one rate for both
 # the control head's first steps killed its units for good (loss spike at steps 500-750, then one
 # output for every map); a ramp and a slower head keep it alive.
 TASK_DEFAULTS = {
-    "landmarks": {"max_train_steps": 2300, "learning_rate": 4e-3, "control_head_lr": 5e-4, "lr_warmup_steps": 0,
+    "landmarks": {"max_train_steps": 2000, "learning_rate": 4e-3, "control_head_lr": 5e-4, "lr_warmup_steps": 0,
                   "timestep_sampling": "quintic"},
     "segmentation": {"max_train_steps": 4000, "learning_rate": 3e-3, "control_head_lr": 1e-3, "lr_warmup_steps": 200,
                      "timestep_sampling": "cubic"},
@@ -56,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--pretrained_model_name_or_path", default=None, help="Base model (default: the embedded tiny model).")
     p.add_argument("--output_dir", default=None, help="Default: outputs/demo (landmarks) or outputs/demo-seg.")
     p.add_argument("--task", choices=sorted(METRICS), default="landmarks")
-    p.add_argument("--max_train_steps", type=int, default=None, help="Default: 2300 (landmarks), 4000 (segmentation).")
+    p.add_argument("--max_train_steps", type=int, default=None, help="Default: 2000 (landmarks), 4000 (segmentation).")
     p.add_argument("--learning_rate", type=float, default=None, help="Default: 4e-3 (landmarks), 3e-3 (segmentation).")
     p.add_argument("--lr_scheduler", default="cosine", help="Decaying the rate steadies the end of a short run.")
     p.add_argument("--lr_warmup_steps", type=int, default=None, help="Default: 0 (landmarks), 200 (segmentation).")
