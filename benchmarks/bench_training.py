@@ -2,7 +2,8 @@
 the embedded tiny model (the demo's setting: batch 8, 32 px images).
 
 One command, one run, one fresh subprocess per model and mode (so each peak-memory figure is
-that mode's own):
+that mode's own); ``--rounds N`` runs the whole list N times, interleaved, and pools the steps
+(a VM whose speed drifts for minutes then slows every mode alike instead of whichever ran then):
 
     python benchmarks/bench_training.py                    # CPU defaults: SD 32x32 latents + tiny, 1 thread
     python benchmarks/bench_training.py --models sd15 --latent 64 --device cuda --out benchmarks/results/gpu.json
@@ -560,7 +561,8 @@ def markdown(results: dict, args) -> str:
     lines = [
         f"Training step (forward + backward + AdamW), batch {st['batch']}, {st['latent']}x{st['latent']} latents, "
         f"b={st['block_size']}, m={st['factors']}, {st.get('dtype', 'fp32')} weights"
-        f"{' + autocast' if st.get('dtype', 'fp32') != 'fp32' else ''}, {args.threads} thread(s), median of {st.get('steps', args.steps)} step(s) "
+        f"{' + autocast' if st.get('dtype', 'fp32') != 'fp32' else ''}, {args.threads} thread(s), median of {st.get('steps', args.steps)} step(s)"
+        f"{f' x {args.rounds} interleaved rounds' if args.rounds > 1 else ''} "
         f"({args.peft_steps} for peft_boft) after 1 warmup; ratios use {clock} time:",
         "",
         "| mode | params | step wall (s) | step CPU (s) | / floor | / LoRA matched | / LoRA r8 "
@@ -670,6 +672,27 @@ def run_mode(model: str, mode: str, args, weights: str, tmp: Path, forwarded: li
     return result
 
 
+def pool_rounds(rounds: list[dict]) -> dict:
+    """One mode's runs as one result: medians over every measured step of every round (memory: the
+    median round's), each round's own median kept. A failed round fails the mode."""
+    failed = [r for r in rounds if r.get("kind") == "failed"]
+    if failed or len(rounds) == 1:
+        return failed[0] if failed else rounds[0]
+    pooled = dict(rounds[0])
+    for key in ("times_s", "cpu_times_s"):
+        if key in pooled:
+            pooled[key] = [t for r in rounds for t in r[key]]
+    if "cpu_times_s" in pooled:
+        pooled["time_s"], pooled["cpu_s"] = statistics.median(pooled["times_s"]), statistics.median(pooled["cpu_times_s"])
+        pooled["round_cpu_s"] = [r["cpu_s"] for r in rounds]
+    for key in ("peak_rss_gb", "setup_rss_gb", "step_peak_gb"):
+        values = [r[key] for r in rounds if r.get(key) is not None]
+        if values:
+            pooled[key] = statistics.median_low(values)
+    pooled["rounds"] = len(rounds)
+    return pooled
+
+
 def parent_main(args) -> None:
     modes = [m for m in args.modes.split(",") if m]
     if args.cost_rule:
@@ -678,6 +701,8 @@ def parent_main(args) -> None:
         base = m.split(":")[0]
         if base not in TRAIN_MODES + INFER_MODES + ("sides",):
             raise SystemExit(f"unknown mode {m!r}; choose from {TRAIN_MODES + INFER_MODES + ('sides',)}")
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds must be at least 1, got {args.rounds}")
     models = [m for m in args.models.split(",") if m]
     if not models or any(m not in MODELS for m in models):
         raise SystemExit(f"--models takes a comma separated subset of {MODELS}, got {args.models!r}")
@@ -687,7 +712,8 @@ def parent_main(args) -> None:
               "results": {model: {} for model in models}}
     forwarded = [
         f"--{k}={v}" for k, v in vars(args).items()
-        if k not in ("modes", "models", "model", "out", "child", "result", "cost_rule", "profile", "weights", "keep_weights")
+        if k not in ("modes", "models", "model", "out", "child", "result", "cost_rule", "profile", "weights", "keep_weights",
+                     "rounds")
         and v is not None
     ]
     tmp = Path(tempfile.mkdtemp(prefix="boft_bench_"))
@@ -698,11 +724,19 @@ def parent_main(args) -> None:
             print(f"[bench] building the SD1.5 UNet (random init, seed 0) -> {weights}", flush=True)
             subprocess.run([sys.executable, __file__, "--child=_weights", f"--result={tmp / 'w.json'}",
                             f"--weights={weights}", *forwarded], check=True)
+        runs: dict = {model: {mode: [] for mode in modes} for model in models}
+        for round_index in range(args.rounds):
+            if args.rounds > 1:
+                print(f"[bench] round {round_index + 1} of {args.rounds}", flush=True)
+            for model in models:
+                for mode in modes:
+                    if mode == "sides" and model != "sd15":
+                        continue
+                    runs[model][mode].append(run_mode(model, mode, args, weights, tmp, forwarded, out))
         for model in models:
-            for mode in modes:
-                if mode == "sides" and model != "sd15":
-                    continue
-                report["results"][model][mode] = run_mode(model, mode, args, weights, tmp, forwarded, out)
+            for mode, rounds in runs[model].items():
+                if rounds:
+                    report["results"][model][mode] = pool_rounds(rounds)
     finally:
         for f in tmp.glob("*"):
             if not (args.keep_weights and str(f) == weights):
@@ -727,6 +761,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=1, help="training batch size")
     p.add_argument("--infer_batch", type=int, default=2, help="inference batch (2 = one prompt with CFG)")
     p.add_argument("--steps", type=int, default=3, help="measured training steps per mode (after 1 warmup); median")
+    p.add_argument("--rounds", type=int, default=1, help="run every mode this many times, interleaved; steps pooled")
     p.add_argument("--tiny_steps", type=int, default=30,
                    help="measured training steps per mode for the tiny model (0.1 s each: 3 would be noise)")
     p.add_argument("--peft_steps", type=int, default=1, help="measured steps for peft_boft (slow: ~1 min/step on CPU)")
