@@ -8,6 +8,7 @@ size is checked from the image header before decoding.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import os
 from pathlib import Path
@@ -90,16 +91,22 @@ def guess_kind(adapter_name: str) -> str:
 
 
 def write_examples(folder: str | os.PathLike, seed: int = 0, size: int = 32) -> tuple[dict[str, str], str]:
-    """PNG controls of one scene, one per kind, for the page's control inputs: ({kind: path}, caption)."""
+    """PNG controls of one scene, one per kind, for the page's control inputs: ({kind: path}, caption).
+
+    The folder is shared (the system's temp folder) and outlives an upgrade, so each file is named
+    by its content: a change to how controls are drawn gets a new file, never the old picture."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = {}
     for kind in CONTROL_KINDS:
         image, caption = synthetic_control(kind, seed, size)
-        path = folder / f"{kind}_{size}_{seed}.png"
+        data = io.BytesIO()
+        image.save(data, format="PNG")
+        digest = hashlib.sha256(data.getvalue()).hexdigest()[:16]
+        path = folder / f"{kind}_{size}_{seed}_{digest}.png"
         if not path.is_file():  # written atomically: several app processes may share the folder
             partial = folder / f".{path.name}.{os.getpid()}.tmp"
-            image.save(partial, format="PNG")
+            partial.write_bytes(data.getvalue())
             os.replace(partial, path)
         paths[kind] = str(path)
     return paths, caption

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import gradio as gr
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import pytest
 import torch
 from pathlib import Path
@@ -23,7 +24,7 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 import app.handlers
-from app.controls import guess_kind, open_control_image, synthetic_control
+from app.controls import guess_kind, open_control_image, synthetic_control, write_examples
 from app.handlers import ModelHolder, default_adapters, kernel_label, parse_adapter_spec
 from app.limits import Limits
 from app.security import REFUSED_CONTROL, ControlFiles
@@ -367,6 +368,23 @@ def test_adapter_specs_and_control_inputs(tmp_path):
     files.allow([tmp_path / "c.png"])  # as the page does for the examples it writes
     assert np.array_equal(pixels(open_control_image(str(tmp_path / "c.png"), files)), pixels(image))
     assert open_control_image(None, files) is None and open_control_image({"path": None, "url": None}, files) is None
+
+
+def test_example_controls_follow_the_drawing_code_not_a_stale_file(tmp_path, monkeypatch):
+    """The examples folder outlives upgrades: a file left by another version is never served."""
+    from app import controls
+
+    paths, _ = write_examples(tmp_path, seed=3)
+    for kind, path in paths.items():
+        assert np.array_equal(pixels(PIL.Image.open(path)), pixels(synthetic_control(kind, 3)[0]))
+    assert write_examples(tmp_path, seed=3)[0] == paths  # the same drawing: the same files, reused
+    drawn = controls.synthetic_control
+    monkeypatch.setattr(controls, "synthetic_control",
+                        lambda kind, seed, size: (PIL.ImageOps.invert(drawn(kind, seed, size)[0]), drawn(kind, seed, size)[1]))
+    changed, _ = write_examples(tmp_path, seed=3)
+    for kind, path in changed.items():
+        assert path != paths[kind]
+        assert np.array_equal(pixels(PIL.Image.open(path)), 255 - pixels(drawn(kind, 3, 32)[0]))
 
 
 # ---------------------------------------------------------------------------------------------- served app
