@@ -404,18 +404,25 @@ class RotatedLinear(torch.autograd.Function):
     """y = s * ((x R_1 R_2 ...) W^T) + bias for a frozen W, as one autograd node.
 
     Saves x (no copy: q, k and v of an attention share it), W, s, the rotation tensors and, when
-    s is trained, u = (x R) W^T. Backward: dL/dz = (g s) W, then back through each rotation
-    (recomputing its input from x when several rotations compose).
+    s is trained, u = (x R) W^T. Forward rotates whichever of x and W has fewer rows. Backward:
+    dL/dz = (g s) W, then back through each rotation (recomputing its input from x when several
+    rotations compose).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale, stages: tuple, *tensors):
         dtype = _compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            z = x.to(dtype)
-            for stage, tensor in zip(stages, tensors):
-                z = _rotate(z, stage, tensor)
-            u = F.linear(z, weight.to(dtype))
+            z, w = x.to(dtype), weight.to(dtype)
+            if x.numel() > x.shape[-1] * w.shape[0] and all(stage[0] == "chunks" for stage in stages):
+                # (x R) W^T = x (W R^T)^T: with more rows in x than in W, rotating W is cheaper, and
+                # backward needs only x either way.
+                for tensor in reversed(tensors):
+                    w = chunk_ops.rotate(w, tensor, transpose=True)
+            else:
+                for stage, tensor in zip(stages, tensors):
+                    z = _rotate(z, stage, tensor)
+            u = F.linear(z, w)
             y = _scale_bias(u, scale, bias)
         ctx.stages, ctx.dtype = stages, dtype
         ctx.bias_dtype = None if bias is None else bias.dtype

@@ -85,6 +85,25 @@ def _diagonal(chunks: torch.Tensor, groups: int, half: int) -> torch.Tensor:
     return view.diagonal(dim1=2, dim2=6)
 
 
+TINY_BMM = 400  # torch's CPU bmm runs matrices of fewer multiply-adds than this in a scalar loop
+
+
+def _dense(blocks: torch.Tensor, factor: int, below: torch.Tensor) -> bool:
+    """Whether level `factor` over `below` (chunks half as wide) runs as one dense c x c product per
+    chunk: when its nonzero pieces, (b x b/2) @ (b/2 x c/2), are tiny (b = 8: the first level), a
+    dense 16 x 16 batch is ~5x faster on CPU despite 4x the multiply-adds (measured)."""
+    b, small = blocks.shape[-1], below.shape[-1]
+    return 2 * small == b << factor and b * (b // 2) * small < TINY_BMM
+
+
+def _block_diagonal(below: torch.Tensor) -> torch.Tensor:
+    """Pairs of chunks (2k, c', c') as dense block-diagonal (k, 2c', 2c')."""
+    small = below.shape[-1]
+    out = below.new_zeros(below.shape[0] // 2, 2, small, 2, small)
+    out.diagonal(dim1=1, dim2=3).copy_(below.view(-1, 2, small, small).permute(0, 2, 3, 1))
+    return out.view(-1, 2 * small, 2 * small)
+
+
 def _level(blocks: torch.Tensor, factor: int, below: torch.Tensor) -> torch.Tensor:
     """Chunks of B_factor times the block-diagonal product `below` (its chunks, at most half as wide).
 
@@ -92,6 +111,8 @@ def _level(blocks: torch.Tensor, factor: int, below: torch.Tensor) -> torch.Tens
     out[(q, p, r), (s, j)] = sum_t Q_p[(q, r), (s, t)] below_s[(p, t), j]. So the level is one batched
     (b x b/2) @ (b/2 x c') matmul per (chunk, s, p), no zeros multiplied, then one reorder copy
     into the chunks, pass by pass."""
+    if _dense(blocks, factor, below):
+        return torch.bmm(factor_chunks(blocks[factor], factor), _block_diagonal(below))
     b, size = blocks.shape[-1], blocks.shape[-1] << factor
     n, groups = below.shape[0] * below.shape[-1] // size, size // 2 // below.shape[-1]
     out = (torch.zeros if groups > 1 else torch.empty)(n, size, size, dtype=below.dtype, device=below.device)
@@ -105,6 +126,11 @@ def _level(blocks: torch.Tensor, factor: int, below: torch.Tensor) -> torch.Tens
 
 def _level_backward(blocks: torch.Tensor, factor: int, below: torch.Tensor, grad: torch.Tensor, grad_blocks):
     """dL/dbelow for out = _level(blocks, factor, below); dL/dblocks[factor] goes into `grad_blocks`."""
+    if _dense(blocks, factor, below):
+        grad_blocks[factor] = factor_chunks_grad(torch.bmm(grad, _block_diagonal(below).mT), factor, blocks.shape[-1])
+        grad_pairs = torch.bmm(factor_chunks(blocks[factor], factor).mT, grad)  # (k, 2c', 2c')
+        small = below.shape[-1]
+        return grad_pairs.view(-1, 2, small, 2, small).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2).reshape(below.shape)
     b, size, pairs = blocks.shape[-1], grad.shape[-1], 2**factor
     half, n, groups = b // 2, grad.shape[0], size // 2 // below.shape[-1]
     grad_below = torch.empty(below.shape, dtype=grad.dtype, device=grad.device)
