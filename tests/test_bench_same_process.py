@@ -1,0 +1,47 @@
+"""benchmarks/bench_same_process.py: every mode in one process, on UNets sharing their frozen weights."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+from torch import nn
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))  # the script imports bench_training as its neighbour
+_spec = importlib.util.spec_from_file_location("bench_same_process", BENCH / "bench_same_process.py")
+same = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(same)
+
+
+def test_copies_share_the_frozen_weights_and_keep_their_own_adapters():
+    from boft_diffusion import BOFTConfig, add_boft
+    from boft_diffusion.layers import BOFTLinear
+
+    unet = same.bench.build_unet(None, "cpu", "tiny")
+    copy = same.shared_copy(unet)
+    add_boft(copy, BOFTConfig(block_size=8, n_butterfly_factors=2, target_modules=["to_q"]))
+    name = next(n for n, m in copy.named_modules() if isinstance(m, BOFTLinear))
+    assert type(unet.get_submodule(name)) is nn.Linear  # the original UNet is not adapted
+    assert copy.get_submodule(name).weight is unet.get_submodule(name).weight  # one tensor, not a copy
+    assert {id(p) for p in copy.parameters() if not p.requires_grad} == {id(p) for p in unet.parameters()}
+
+
+def test_one_run_measures_every_mode_interleaved(tmp_path):
+    out = tmp_path / "same.json"
+    same.main(["--model", "tiny", "--steps", "2", "--warmup", "1", "--modes", "floor,lora,ours", "--out", str(out)])
+    report = json.loads(out.read_text())
+    results = report["results"]
+    assert list(results) == ["floor", "lora", "ours"]
+    assert all(len(r["cpu_times_s"]) == 2 and r["cpu_s"] > 0 for r in results.values())
+    assert results["floor"]["params"] == 0 and results["ours"]["params"] > 0 and results["lora"]["params"] > 0
+    assert report["settings"]["model"] == "tiny" and report["settings"]["batch"] == 8  # the demo's setting
+    ratio = results["ours"]["cpu_s"] / results["lora"]["cpu_s"]
+    assert f"| ours | {results['ours']['params']:,} | {results['ours']['cpu_s']:.3f} | {ratio:.3f}x |" in report["markdown"]
+
+
+def test_unknown_modes_are_refused():
+    import pytest
+
+    with pytest.raises(SystemExit, match="--modes"):
+        same.main(["--modes", "floor,fast"])
