@@ -435,10 +435,13 @@ class RotatedLinear(torch.autograd.Function):
         need = ctx.needs_input_grad
         dtype, stages = ctx.dtype, ctx.stages
         with torch.autocast(x.device.type, enabled=False):
-            g = grad.to(dtype)
-            g_u = g * scale.to(dtype)
-            # dL/dz: for x's gradient and the rotations' (text k/v need only the latter)
-            g_z = torch.matmul(g_u, weight.to(dtype)) if need[0] or any(need[5:]) else None
+            g, s = grad.to(dtype), scale.to(dtype)
+            # dL/du = g s; with more numbers in g than in W (more tokens than d), (g s) W = g (s W) scales W
+            g_u = g * s if need[1] or g.numel() <= weight.numel() else None
+            g_z = None
+            if need[0] or any(need[5:]):  # dL/dz, for x's gradient and the rotations' (text k/v need only the latter)
+                w = weight.to(dtype)
+                g_z = torch.matmul(g_u, w) if g_u is not None else torch.matmul(g, w * s[:, None])
             inputs = [x.to(dtype)]  # each rotation's input (and the last output, for dL/dW)
             for stage, tensor in zip(stages, tensors):
                 if len(inputs) >= len(tensors) + need[1]:
