@@ -15,6 +15,7 @@ once per step, in a few batched calls; without grad they are cached until the sk
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Sequence
 
@@ -252,10 +253,10 @@ class ButterflyRotation(nn.Module):
 
     def factors(self) -> tuple[int, ...]:
         """Active factor indices, ascending."""
-        return tuple(i for i, on in enumerate(self.active) if on)
+        return _active_order(self.factor_scales, True)
 
     def order(self, transpose: bool) -> tuple[int, ...]:
-        return tuple(factor_order(self.n_factors, self.active, transpose))
+        return _active_order(self.factor_scales, transpose)
 
     def step_tensors(self, want_chunks: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """This step's (blocks, chunks of R or None), computed with the rest of the group."""
@@ -320,6 +321,12 @@ class ButterflyRotation(nn.Module):
             f"d={self.in_features}, out={self.out_features}, block_size={self.block_size}, "
             f"block_num={self.block_num}, factors={self.n_factors}, active={list(self.factor_scales)}"
         )
+
+
+@functools.lru_cache(maxsize=None)
+def _active_order(scales: tuple[float, ...], transpose: bool) -> tuple[int, ...]:
+    """`factor_order` of the factors switched on (scale > 0), memoised: every projection asks, every call."""
+    return tuple(factor_order(len(scales), [scale > 0 for scale in scales], transpose))
 
 
 def link_rotations(rotations: Sequence[ButterflyRotation]) -> RotationGroup:
@@ -467,7 +474,7 @@ def boft_linear(x: torch.Tensor, linear: nn.Linear, rotations: Sequence[Butterfl
     """s * ((x R) W^T) + bias for a frozen `linear`, choosing the cheaper side to rotate."""
     if not rotations:
         return linear(x)
-    grad = torch.is_grad_enabled() and any(p.requires_grad for r in rotations for p in r.parameters())
+    grad = torch.is_grad_enabled() and any(r.boft_skew.requires_grad or r.boft_s.requires_grad for r in rotations)
     tokens = x.numel() // x.shape[-1]
     scale = output_scale(rotations)
     if rotate_input_side(tokens, rotations, linear.out_features, grad, x.device):
