@@ -130,6 +130,7 @@ def main(argv=None) -> None:
     p.add_argument("--tiny_pixels", type=int, default=32, help=argparse.SUPPRESS)
     p.add_argument("--tiny_factors", type=int, default=3, help=argparse.SUPPRESS)
     p.add_argument("--tiny_steps", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--tiny_infer_steps", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     unknown = [m for m in args.modes.split(",") if m and m not in bench.TRAIN_MODES]
     if unknown or args.steps < 1 or args.warmup < 0:

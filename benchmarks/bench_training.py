@@ -153,11 +153,13 @@ def use_model(args) -> None:
         text = json.loads((Path(model_path()) / "text_encoder" / "config.json").read_text())
         args.latent = args.tiny_pixels // 2 ** (len(vae["block_out_channels"]) - 1)
         args.batch, args.factors, args.steps = args.tiny_batch, args.tiny_factors, args.tiny_steps
+        args.infer_steps = args.tiny_infer_steps
         args.text_tokens, args.text_dim = text["max_position_embeddings"], text["hidden_size"]
 
 
 def model_settings(args) -> dict:
-    return {k: getattr(args, k) for k in ("model", "latent", "batch", "infer_batch", "block_size", "factors", "dtype", "steps")}
+    return {k: getattr(args, k) for k in ("model", "latent", "batch", "infer_batch", "block_size", "factors", "dtype", "steps",
+                                          "infer_steps")}
 
 
 def torch_dtype(name: str):
@@ -593,10 +595,11 @@ def markdown(results: dict, args) -> str:
     base = by.get("infer_base")
     infer = [(n, r) for n, r in by.items() if r.get("kind") == "infer"]
     if infer:
+        base_settings = infer[0][1].get("settings", {})
         lines += [
             "",
             f"Inference, one UNet call (one denoising step) at batch {args.infer_batch} (classifier-free guidance), "
-            f"no grad, median of {args.infer_steps} call(s) after 1 warmup:",
+            f"no grad, median of {base_settings.get('infer_steps', args.infer_steps)} call(s) after 1 warmup:",
             "",
             f"| mode | wall s / call | CPU s / call | / base ({clock}) | peak RSS (GB) |",
             "|---|---:|---:|---:|---:|",
@@ -766,6 +769,8 @@ def main(argv=None) -> None:
                    help="measured training steps per mode for the tiny model (0.1 s each: 3 would be noise)")
     p.add_argument("--peft_steps", type=int, default=1, help="measured steps for peft_boft (slow: ~1 min/step on CPU)")
     p.add_argument("--infer_steps", type=int, default=3, help="measured UNet calls per inference mode (after 1 warmup)")
+    p.add_argument("--tiny_infer_steps", type=int, default=30,
+                   help="measured UNet calls per inference mode for the tiny model (15 ms each: 3 would be noise)")
     p.add_argument("--side_reps", type=int, default=5, help="repetitions per shape in the 'sides' microbenchmark")
     p.add_argument("--modes", default=DEFAULT_MODES, help="comma separated; ours/infer_unmerged accept :input / :weight")
     p.add_argument("--cost_rule", action="store_true", help=f"also run {', '.join(COST_RULE_MODES)}")
