@@ -253,10 +253,10 @@ class ButterflyRotation(nn.Module):
 
     def factors(self) -> tuple[int, ...]:
         """Active factor indices, ascending."""
-        return _active_order(self.factor_scales, True)
+        return _active_order(tuple(self.active), True)
 
     def order(self, transpose: bool) -> tuple[int, ...]:
-        return _active_order(self.factor_scales, transpose)
+        return _active_order(tuple(self.active), transpose)
 
     def step_tensors(self, want_chunks: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """This step's (blocks, chunks of R or None), computed with the rest of the group."""
@@ -323,10 +323,10 @@ class ButterflyRotation(nn.Module):
         )
 
 
-@functools.lru_cache(maxsize=None)
-def _active_order(scales: tuple[float, ...], transpose: bool) -> tuple[int, ...]:
-    """`factor_order` of the factors switched on (scale > 0), memoised: every projection asks, every call."""
-    return tuple(factor_order(len(scales), [scale > 0 for scale in scales], transpose))
+@functools.lru_cache(maxsize=None)  # keyed by on/off patterns, not fractional scales: at most 2^(m+1) entries
+def _active_order(active: tuple[bool, ...], transpose: bool) -> tuple[int, ...]:
+    """`factor_order` of the factors switched on, memoised: every projection asks, every call."""
+    return tuple(factor_order(len(active), active, transpose))
 
 
 def link_rotations(rotations: Sequence[ButterflyRotation]) -> RotationGroup:

@@ -235,3 +235,17 @@ def test_training_under_bf16_autocast_keeps_rotations_in_fp32():
         torch.testing.assert_close(o.float(), r, atol=0.1, rtol=0.02)
     sum((o.float() ** 2).sum() for o in out).backward()
     assert all(r.boft_skew.grad.dtype == torch.float32 and torch.isfinite(r.boft_skew.grad).all() for r in rotations)
+
+
+def test_fractional_factor_scales_do_not_grow_the_order_memo():
+    """A UI slider sends any fractional k: the memoised factor order is keyed by which factors are
+    on, so a long-running server keeps at most 2^(m+1) entries, whatever values arrive."""
+    rotation = ButterflyRotation(16, 8, 4, 3, init="random")
+    x = torch.randn(5, 16)
+    layers._active_order.cache_clear()
+    for t in torch.linspace(0.01, 0.99, 200).tolist():
+        rotation.set_active((1.0, t, 0.0))
+        with torch.no_grad():
+            rotation.rotate(x)
+    assert rotation.order(False) == (1, 0) and rotation.factors() == (0, 1)
+    assert 0 < layers._active_order.cache_info().currsize <= 2 ** (3 + 1)
