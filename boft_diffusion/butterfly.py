@@ -58,7 +58,8 @@ def cayley(packed: torch.Tensor, block_size: int) -> torch.Tensor:
 
 class Cayley(torch.autograd.Function):
     """`cayley` as one autograd node. Blocks below CPU_SOLVE_ONE_BY_ONE are inverted by Gauss-Jordan
-    with the batch last (`_cayley_gauss_jordan`), larger ones solved by torch.linalg.solve.
+    (on CPU by the C++ kernels, `kernels.cpu`; elsewhere, or without them, with the batch last in
+    PyTorch, `_cayley_gauss_jordan`), larger ones solved by torch.linalg.solve.
 
     Q = 2 (I + S)^-1 - I gives (I + S)^-1 = (Q + I) / 2, so dL/dS = -(Q + I)^T G (Q + I)^T / 2 for
     G = dL/dQ: two batched b x b matmuls instead of differentiating through the inverse."""
@@ -69,7 +70,9 @@ class Cayley(torch.autograd.Function):
         if block_size >= CPU_SOLVE_ONE_BY_ONE:
             blocks = _cayley_by_solve(packed.to(dtype), block_size)
         else:
-            blocks = _cayley_gauss_jordan(packed.to(dtype), block_size)
+            blocks = _native().cayley(packed.to(dtype), block_size)
+            if blocks is None:
+                blocks = _cayley_gauss_jordan(packed.to(dtype), block_size)
         # Kept on ctx, detached, rather than saved: it is this node's own output, and a training
         # round runs under identity saved-tensor hooks (layers.RotationGroup.tensors), which would
         # make a saved output a reference cycle freed only by the garbage collector.
@@ -81,6 +84,9 @@ class Cayley(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         blocks = ctx.blocks
         b = blocks.shape[-1]
+        native = _native().cayley_backward(blocks, grad.to(blocks.dtype)) if b < CPU_SOLVE_ONE_BY_ONE else None
+        if native is not None:
+            return native.to(ctx.packed_dtype), None
         q = blocks.reshape(-1, b, b)
         g = grad.to(blocks.dtype).reshape(-1, b, b)
         eye = torch.eye(b, dtype=blocks.dtype, device=blocks.device)
@@ -91,6 +97,13 @@ class Cayley(torch.autograd.Function):
             grad_skew = torch.bmm(torch.bmm(k.mT, g[lo:hi]), k.mT)
             torch.mm(grad_skew.view(-1, b * b), unscatter, out=grad_packed[lo:hi])
         return grad_packed.view(*blocks.shape[:-2], -1).to(ctx.packed_dtype), None
+
+
+def _native():
+    """The C++ CPU kernels (`kernels.cpu`), imported on use: `kernels` builds on this module."""
+    from .kernels import cpu
+
+    return cpu
 
 
 CAYLEY_SLICE = 1 << 18  # CPU: numbers per Gauss-Jordan pass (1 MB of fp32), so its working set stays in cache

@@ -21,6 +21,8 @@ from typing import Sequence
 
 import torch
 
+from . import cpu
+
 
 def factor_chunks(blocks: torch.Tensor, factor: int) -> torch.Tensor:
     """Factor i's blocks (d/b, b, b) as its dense diagonal chunks (d/c_i, c_i, c_i), c_i = b * 2^i.
@@ -110,7 +112,10 @@ def _level(blocks: torch.Tensor, factor: int, below: torch.Tensor) -> torch.Tens
     Block p of the factor takes rows t of below's chunk in half s to rows (q, r) of its own block:
     out[(q, p, r), (s, j)] = sum_t Q_p[(q, r), (s, t)] below_s[(p, t), j]. So the level is one batched
     (b x b/2) @ (b/2 x c') matmul per (chunk, s, p), no zeros multiplied, then one reorder copy
-    into the chunks, pass by pass."""
+    into the chunks, pass by pass. On CPU the C++ kernel does the same (`cpu.level`)."""
+    native = cpu.level(blocks, factor, below)
+    if native is not None:
+        return native
     if _dense(blocks, factor, below):
         return torch.bmm(factor_chunks(blocks[factor], factor), _block_diagonal(below))
     b, size = blocks.shape[-1], blocks.shape[-1] << factor
@@ -126,6 +131,10 @@ def _level(blocks: torch.Tensor, factor: int, below: torch.Tensor) -> torch.Tens
 
 def _level_backward(blocks: torch.Tensor, factor: int, below: torch.Tensor, grad: torch.Tensor, grad_blocks):
     """dL/dbelow for out = _level(blocks, factor, below); dL/dblocks[factor] goes into `grad_blocks`."""
+    native = cpu.level_backward(blocks, factor, below, grad)
+    if native is not None:
+        grad_blocks[factor] = native[0]
+        return native[1]
     if _dense(blocks, factor, below):
         grad_blocks[factor] = factor_chunks_grad(torch.bmm(grad, _block_diagonal(below).mT), factor, blocks.shape[-1])
         grad_pairs = torch.bmm(factor_chunks(blocks[factor], factor).mT, grad)  # (k, 2c', 2c')

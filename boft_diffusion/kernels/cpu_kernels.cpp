@@ -1,0 +1,277 @@
+// CPU kernels of the per-step parameter pipeline: Cayley blocks and the levels of the chunk build.
+//
+// The same arithmetic as butterfly.Cayley and chunks._level / _level_backward (the PyTorch
+// reference, which tests hold these to), as plain loops: per block, or per pair of half chunks,
+// everything stays in registers or L1 instead of passing through memory between a dozen small
+// torch ops. Sizes that matter for vectorising (b, the width of the chunks below) are template
+// parameters for the common powers of two; 0 means "read at run time" (any other size).
+// Plain C ABI on raw pointers (contiguous tensors), loaded with ctypes: no torch headers.
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+namespace {
+
+// Runs body(lo, hi) over [0, n) on up to `threads` threads; one thread for small work.
+template <class F>
+void parallel(int64_t n, int threads, int64_t numbers, F body) {
+  if (threads <= 1 || n < 2 || numbers < (1 << 16)) {
+    body(0, n);
+    return;
+  }
+  const int t = static_cast<int>(std::min<int64_t>(threads, n));
+  std::vector<std::thread> pool;
+  for (int i = 1; i < t; ++i) pool.emplace_back(body, n * i / t, n * (i + 1) / t);
+  body(0, n / t);
+  for (auto& th : pool) th.join();
+}
+
+// Per-thread scratch: a local array when its size is known at compile time (so the compiler sees it
+// aliases nothing), else heap memory.
+template <class T, int N>
+struct Scratch {
+  T local[N > 0 ? N : 1];
+  std::vector<T> heap;
+  explicit Scratch(int n) : heap(N > 0 ? 0 : n) {}
+  T* data() { return N > 0 ? local : heap.data(); }
+};
+
+constexpr int LANES = 16;  // Cayley blocks per pass: each elimination step is one vector op across them
+
+// Q = 2 (I + S)^-1 - I for packed skew blocks (n, b(b-1)/2), upper triangle row by row.
+// Gauss-Jordan without pivoting: I + S has symmetric part I, so every pivot is >= 1.
+template <class T, int BC>
+void cayley_forward(const T* __restrict__ packed, T* __restrict__ out, int64_t n, int b_rt, int threads) {
+  const int B = BC ? BC : b_rt, np = B * (B - 1) / 2;
+  parallel((n + LANES - 1) / LANES, threads, n * B * B, [=](int64_t lo, int64_t hi) {
+    Scratch<T, BC * BC * LANES> buf(B * B * LANES);
+    T* __restrict__ a = buf.data();  // a[(i * B + j) * LANES + w]
+    auto at = [=](int i, int j) { return a + (i * B + j) * LANES; };
+    for (int64_t grp = lo; grp < hi; ++grp) {
+      const int64_t k0 = grp * LANES;
+      const int cnt = static_cast<int>(std::min<int64_t>(LANES, n - k0));
+      for (int i = 0; i < B; ++i)
+        for (int j = 0; j < B; ++j)
+          for (int w = 0; w < LANES; ++w) at(i, j)[w] = (i == j);  // lanes past n: identity
+      for (int w = 0; w < cnt; ++w) {
+        const T* p = packed + (k0 + w) * np;
+        for (int r = 0, e = 0; r < B; ++r)
+          for (int c = r + 1; c < B; ++c, ++e) {
+            at(r, c)[w] = p[e];
+            at(c, r)[w] = -p[e];
+          }
+      }
+      for (int k = 0; k < B; ++k) {
+        T pivot[LANES];
+        for (int w = 0; w < LANES; ++w) {
+          pivot[w] = T(1) / at(k, k)[w];
+          at(k, k)[w] = 1;
+        }
+        for (int j = 0; j < B; ++j)
+          for (int w = 0; w < LANES; ++w) at(k, j)[w] *= pivot[w];
+        for (int i = 0; i < B; ++i) {
+          if (i == k) continue;
+          T f[LANES];
+          for (int w = 0; w < LANES; ++w) {
+            f[w] = at(i, k)[w];
+            at(i, k)[w] = 0;
+          }
+          for (int j = 0; j < B; ++j)
+            for (int w = 0; w < LANES; ++w) at(i, j)[w] -= f[w] * at(k, j)[w];
+        }
+      }
+      for (int w = 0; w < cnt; ++w) {
+        T* o = out + (k0 + w) * B * B;
+        for (int i = 0; i < B; ++i)
+          for (int j = 0; j < B; ++j) o[i * B + j] = 2 * at(i, j)[w] - (i == j);
+      }
+    }
+  });
+}
+
+// dL/dpacked from Q and G = dL/dQ: with K = Q + I = 2 (I + S)^-1, dL/dS = -K^T G K^T / 2.
+template <class T, int BC>
+void cayley_backward(const T* __restrict__ q, const T* __restrict__ grad, T* __restrict__ grad_packed, int64_t n, int b_rt, int threads) {
+  const int B = BC ? BC : b_rt, np = B * (B - 1) / 2, BB = B * B;
+  parallel((n + LANES - 1) / LANES, threads, n * BB, [=](int64_t lo, int64_t hi) {
+    Scratch<T, BC * BC * LANES> kq_buf(BB * LANES), g_buf(BB * LANES), m_buf(BB * LANES), gs_buf(BB * LANES);
+    T *__restrict__ kq = kq_buf.data(), *__restrict__ g = g_buf.data(), *__restrict__ m = m_buf.data(),
+                   *__restrict__ gs = gs_buf.data();
+    for (int64_t grp = lo; grp < hi; ++grp) {
+      const int64_t k0 = grp * LANES;
+      const int cnt = static_cast<int>(std::min<int64_t>(LANES, n - k0));
+      std::fill(kq, kq + BB * LANES, T(0));
+      std::fill(g, g + BB * LANES, T(0));
+      std::fill(m, m + BB * LANES, T(0));
+      std::fill(gs, gs + BB * LANES, T(0));
+      for (int w = 0; w < cnt; ++w)
+        for (int i = 0; i < BB; ++i) {
+          kq[i * LANES + w] = q[(k0 + w) * BB + i];
+          g[i * LANES + w] = grad[(k0 + w) * BB + i];
+        }
+      for (int i = 0; i < B; ++i)
+        for (int w = 0; w < LANES; ++w) kq[i * (B + 1) * LANES + w] += 1;
+      for (int r = 0; r < B; ++r)  // M = K^T G
+        for (int i = 0; i < B; ++i)
+          for (int j = 0; j < B; ++j)
+            for (int w = 0; w < LANES; ++w) m[(i * B + j) * LANES + w] += kq[(r * B + i) * LANES + w] * g[(r * B + j) * LANES + w];
+      for (int r = 0; r < B; ++r)  // Gs = M K^T
+        for (int i = 0; i < B; ++i)
+          for (int j = 0; j < B; ++j)
+            for (int w = 0; w < LANES; ++w) gs[(i * B + j) * LANES + w] += m[(i * B + r) * LANES + w] * kq[(j * B + r) * LANES + w];
+      for (int w = 0; w < cnt; ++w) {
+        T* gp = grad_packed + (k0 + w) * np;
+        for (int r = 0, e = 0; r < B; ++r)
+          for (int c = r + 1; c < B; ++c, ++e) gp[e] = T(-0.5) * (gs[(r * B + c) * LANES + w] - gs[(c * B + r) * LANES + w]);
+      }
+    }
+  });
+}
+
+// One level of the chunk build (chunks._level): out (n, c, c) = chunks of factor `factor` (blocks
+// (n * 2^f, b, b), b = 2 * half) times the block-diagonal product below (chunks of width `small`).
+// out[k][(q, p, r)][(s, g, j)] = sum_t Q_{k,p}[(q, r), (s, t)] below[(2k + s) groups + g][(p', t)][j]
+// for p = g * (small / half) + p'; every other entry (other g) is zero.
+template <class T, int SC, int HC>
+void level_forward(const T* __restrict__ blocks, const T* __restrict__ below, T* __restrict__ out, int64_t n, int half_rt, int factor, int small_rt,
+                   int threads) {
+  const int half = HC ? HC : half_rt, small = SC ? SC : small_rt, b = 2 * half;
+  const int c = b << factor, hc = c / 2, pairs = 1 << factor, groups = hc / small, per_group = small / half;
+  parallel(n, threads, n * c * c, [=](int64_t lo, int64_t hi) {
+    Scratch<T, SC> buf(small);
+    T* __restrict__ acc = buf.data();
+    for (int64_t k = lo; k < hi; ++k) {
+      T* o = out + k * c * c;
+      if (groups > 1) std::memset(o, 0, sizeof(T) * c * c);
+      for (int p = 0; p < pairs; ++p) {
+        const int g = p / per_group, pp = p % per_group;
+        const T* qb = blocks + (k * pairs + p) * b * b;
+        for (int s = 0; s < 2; ++s) {
+          const T* rows = below + ((k * 2 + s) * groups + g) * small * small + pp * half * small;
+          for (int q = 0; q < 2; ++q)
+            for (int r = 0; r < half; ++r) {
+              const T* w = qb + (q * half + r) * b + s * half;
+              for (int j = 0; j < small; ++j) acc[j] = w[0] * rows[j];
+              for (int t = 1; t < half; ++t)
+                for (int j = 0; j < small; ++j) acc[j] += w[t] * rows[t * small + j];
+              std::memcpy(o + (q * hc + p * half + r) * c + s * hc + g * small, acc, sizeof(T) * small);
+            }
+        }
+      }
+    }
+  });
+}
+
+// chunks._level_backward: dL/dblocks of the factor and dL/dbelow from dL/dout (n, c, c).
+template <class T, int SC, int HC>
+void level_backward(const T* __restrict__ blocks, const T* __restrict__ below, const T* __restrict__ grad,
+                    T* __restrict__ grad_blocks, T* __restrict__ grad_below, int64_t n,
+                    int half_rt, int factor, int small_rt, int threads) {
+  const int half = HC ? HC : half_rt, small = SC ? SC : small_rt, b = 2 * half;
+  const int c = b << factor, hc = c / 2, pairs = 1 << factor, groups = hc / small, per_group = small / half;
+  parallel(n, threads, n * c * c, [=](int64_t lo, int64_t hi) {
+    Scratch<T, SC * HC> buf(half * small);
+    T* __restrict__ acc = buf.data();  // dL/dbelow rows (p', t) of one (k, p, s)
+    for (int64_t k = lo; k < hi; ++k) {
+      const T* go = grad + k * c * c;
+      for (int p = 0; p < pairs; ++p) {
+        const int g = p / per_group, pp = p % per_group;
+        const T* qb = blocks + (k * pairs + p) * b * b;
+        T* gq = grad_blocks + (k * pairs + p) * b * b;
+        for (int s = 0; s < 2; ++s) {
+          const int64_t at = ((k * 2 + s) * groups + g) * small * small + pp * half * small;
+          const T* rows = below + at;
+          std::fill(acc, acc + half * small, T(0));
+          for (int q = 0; q < 2; ++q)
+            for (int r = 0; r < half; ++r) {
+              const T* gr = go + (q * hc + p * half + r) * c + s * hc + g * small;
+              const T* w = qb + (q * half + r) * b + s * half;
+              T* gw = gq + (q * half + r) * b + s * half;
+              for (int t = 0; t < half; ++t) {
+                const T* row = rows + t * small;
+                T dot = 0;
+#pragma omp simd reduction(+ : dot)
+                for (int j = 0; j < small; ++j) dot += gr[j] * row[j];
+                gw[t] = dot;
+                T* a = acc + t * small;
+                for (int j = 0; j < small; ++j) a[j] += w[t] * gr[j];
+              }
+            }
+          std::memcpy(grad_below + at, acc, sizeof(T) * half * small);
+        }
+      }
+    }
+  });
+}
+
+// Sizes with a compiled specialisation; anything else runs the run-time-sized loops.
+template <class T>
+void cayley_forward_any(const T* p, T* o, int64_t n, int b, int th) {
+  switch (b) {
+    case 4: return cayley_forward<T, 4>(p, o, n, b, th);
+    case 8: return cayley_forward<T, 8>(p, o, n, b, th);
+    case 16: return cayley_forward<T, 16>(p, o, n, b, th);
+    default: return cayley_forward<T, 0>(p, o, n, b, th);
+  }
+}
+
+template <class T>
+void cayley_backward_any(const T* q, const T* g, T* gp, int64_t n, int b, int th) {
+  switch (b) {
+    case 4: return cayley_backward<T, 4>(q, g, gp, n, b, th);
+    case 8: return cayley_backward<T, 8>(q, g, gp, n, b, th);
+    case 16: return cayley_backward<T, 16>(q, g, gp, n, b, th);
+    default: return cayley_backward<T, 0>(q, g, gp, n, b, th);
+  }
+}
+
+#define BOFT_LEVEL_CASES(CALL)                                   \
+  if (half == 4 && small == 8) return CALL(8, 4);                \
+  if (half == 4 && small == 16) return CALL(16, 4);              \
+  if (half == 4 && small == 32) return CALL(32, 4);              \
+  if (half == 4 && small == 64) return CALL(64, 4);              \
+  if (half == 2 && small == 4) return CALL(4, 2);                \
+  if (half == 2 && small == 8) return CALL(8, 2);                \
+  if (half == 2 && small == 16) return CALL(16, 2);              \
+  if (half == 2 && small == 32) return CALL(32, 2);              \
+  if (half == 8 && small == 16) return CALL(16, 8);              \
+  if (half == 8 && small == 32) return CALL(32, 8);              \
+  if (half == 8 && small == 64) return CALL(64, 8);              \
+  return CALL(0, 0);
+
+template <class T>
+void level_forward_any(const T* bl, const T* be, T* o, int64_t n, int half, int f, int small, int th) {
+#define BOFT_CALL(S, H) level_forward<T, S, H>(bl, be, o, n, half, f, small, th)
+  BOFT_LEVEL_CASES(BOFT_CALL)
+#undef BOFT_CALL
+}
+
+template <class T>
+void level_backward_any(const T* bl, const T* be, const T* g, T* gbl, T* gbe, int64_t n, int half, int f, int small,
+                        int th) {
+#define BOFT_CALL(S, H) level_backward<T, S, H>(bl, be, g, gbl, gbe, n, half, f, small, th)
+  BOFT_LEVEL_CASES(BOFT_CALL)
+#undef BOFT_CALL
+}
+
+}  // namespace
+
+extern "C" {
+#define BOFT_EXPORT(T, NAME)                                                                                        \
+  void boft_cayley_forward_##NAME(const T* p, T* o, int64_t n, int b, int th) { cayley_forward_any<T>(p, o, n, b, th); } \
+  void boft_cayley_backward_##NAME(const T* q, const T* g, T* gp, int64_t n, int b, int th) {                       \
+    cayley_backward_any<T>(q, g, gp, n, b, th);                                                                     \
+  }                                                                                                                 \
+  void boft_level_forward_##NAME(const T* bl, const T* be, T* o, int64_t n, int half, int f, int small, int th) {   \
+    level_forward_any<T>(bl, be, o, n, half, f, small, th);                                                         \
+  }                                                                                                                 \
+  void boft_level_backward_##NAME(const T* bl, const T* be, const T* g, T* gbl, T* gbe, int64_t n, int half, int f, \
+                                  int small, int th) {                                                              \
+    level_backward_any<T>(bl, be, g, gbl, gbe, n, half, f, small, th);                                              \
+  }
+BOFT_EXPORT(float, f32)
+BOFT_EXPORT(double, f64)
+}
