@@ -162,7 +162,7 @@ def _compute(members: Sequence["ButterflyRotation"], blocks: torch.Tensor | None
         width = sum(r.block_num for r in chunked)
         chunks = chunk_ops.BuildChunks.apply(blocks[:, :width], factors)  # (sum d/c, c, c)
         c = chunk_size(first.block_size, factors)
-        for i, piece in enumerate(chunks.split([r.in_features // c for r in chunked])):
+        for i, piece in enumerate(chunk_ops.split(chunks, [r.in_features // c for r in chunked])):
             out[i] = (out[i][0], piece)
     return out, blocks
 
@@ -387,11 +387,14 @@ def _rotate(z: torch.Tensor, stage: tuple, tensor: torch.Tensor) -> torch.Tensor
 
 
 def _rotate_backward(z: torch.Tensor, grad: torch.Tensor, stage: tuple, tensor: torch.Tensor, need: bool,
-                     need_z: bool = True):
+                     need_z: bool = True, slot=None):
     """(dL/dz (None when not `need_z` and skipping it saves work), dL/dtensor or None) for
-    out = _rotate(z, stage, tensor)."""
+    out = _rotate(z, stage, tensor); chunk gradients go into `slot` (`chunks.split`) when it is free."""
     if stage[0] == "chunks":
-        grad_tensor = chunk_ops.chunks_grad(z, grad, tensor.shape[0]).to(tensor.dtype) if need else None
+        grad_tensor = None
+        if need:
+            out = slot[0].claim(slot[1]) if slot is not None else None
+            grad_tensor = chunk_ops.chunks_grad(z, grad, tensor.shape[0], out=out).to(tensor.dtype)
         return (chunk_ops.rotate(grad, tensor, transpose=True) if need_z else None), grad_tensor
     return kernels.rotate_backward(z, grad, tensor, stage[1], False, need)
 
@@ -432,6 +435,7 @@ class RotatedLinear(torch.autograd.Function):
             u = F.linear(z, w)
             y = _scale_bias(u, scale, bias)
         ctx.stages, ctx.dtype = stages, dtype
+        ctx.slots = [getattr(tensor, "grad_slot", None) for tensor in tensors]
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.save_for_backward(x, weight, scale, u if ctx.needs_input_grad[3] else None, *tensors)
         return y
@@ -459,7 +463,9 @@ class RotatedLinear(torch.autograd.Function):
                 grad_weight = (g_u.reshape(-1, g_u.shape[-1]).mT @ inputs.pop().reshape(-1, x.shape[-1])).to(weight.dtype)
             grad_tensors = [None] * len(tensors)
             for j in range(len(tensors) - 1, -1, -1) if g_z is not None else ():  # dL/dx only when x needs it
-                g_z, grad_tensors[j] = _rotate_backward(inputs[j], g_z, stages[j], tensors[j], need[5 + j], j > 0 or need[0])
+                g_z, grad_tensors[j] = _rotate_backward(
+                    inputs[j], g_z, stages[j], tensors[j], need[5 + j], j > 0 or need[0], ctx.slots[j]
+                )
             grad_scale = grad_bias = None
             wide = torch.promote_types(g.dtype, torch.float32)  # sums over tokens: fp16/bf16 -> fp32, fp64 stays
             if need[3]:

@@ -75,6 +75,34 @@ def test_rotated_linear_gradients_are_exact():
     assert torch.autograd.gradcheck(lambda x, w, bias, s, c, q: RotatedLinear.apply(x, w, bias, s, stages, c, q), inputs)
 
 
+def test_chunk_gradients_written_in_place_equal_a_plain_split_whatever_uses_the_pieces():
+    """`chunks.split` lets each consumer's backward write into one buffer (no cat); a piece used
+    twice, a piece never used, a piece rotated outside RotatedLinear, and a second backward through
+    a retained graph must all still give split's gradients."""
+    d, o, b = 32, 24, 4
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(5, d, generator=g, dtype=torch.float64)
+    weight, scale = torch.randn(o, d, generator=g, dtype=torch.float64), torch.ones(o, dtype=torch.float64)
+    blocks = cayley(packed(3, 4 * d, b, 5), b).requires_grad_(True)
+
+    def loss(pieces):
+        uses = ((x, pieces[0]), (x.flip(0) * 3, pieces[0]), (x, pieces[1]))  # piece 0 twice, with other inputs
+        y = [RotatedLinear.apply(rows, weight, None, scale, (("chunks",),), piece) for rows, piece in uses]
+        return sum((t * t).sum() for t in y) + chunk_ops.ChunkRotate.apply(x, pieces[3], False).sum()
+
+    def grads(split):
+        chunks = chunk_ops.BuildChunks.apply(blocks, (0, 1, 2))  # (4 d / 16, 16, 16)
+        total = loss(split(chunks, [2, 2, 2, 2]))
+        first = torch.autograd.grad(total, blocks, retain_graph=True)[0]
+        return first, torch.autograd.grad(total, blocks)[0]
+
+    in_place = grads(chunk_ops.split)
+    plain = grads(lambda chunks, sizes: chunks.split(sizes))
+    for got, want in zip(in_place, plain):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    assert in_place[0].abs().sum() > 0
+
+
 @pytest.mark.parametrize("input_grad", [True, False])  # False: text k/v, whose input needs no gradient
 @pytest.mark.parametrize("tokens", [2, 300])  # few tokens: factored blocks; many: chunks
 def test_boft_linear_equals_the_dense_math_for_composed_and_fractional_adapters(tokens, input_grad):

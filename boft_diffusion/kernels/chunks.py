@@ -180,6 +180,66 @@ class BuildChunks(torch.autograd.Function):
         return grad_blocks, None
 
 
+class GradientSlots:
+    """One buffer for dL/dchunks of every member of a round, so that backward needs no cat.
+
+    A member's backward writes its chunk gradient straight into its slice (`claim`); `SplitChunks`
+    then hands the whole buffer to `BuildChunks` and copies only what did not arrive in place (a
+    gradient that autograd summed, or one computed elsewhere). Each slice is claimed once."""
+
+    def __init__(self, chunks: torch.Tensor, sizes: Sequence[int]):
+        self.shape, self.dtype, self.device = chunks.shape, chunks.dtype, chunks.device
+        self.bounds = [0]
+        for size in sizes:
+            self.bounds.append(self.bounds[-1] + size)
+        self.buffer: torch.Tensor | None = None
+        self.claimed: set[int] = set()
+
+    def view(self, index: int) -> torch.Tensor:
+        if self.buffer is None:
+            self.buffer = torch.empty(self.shape, dtype=self.dtype, device=self.device)
+        return self.buffer[self.bounds[index] : self.bounds[index + 1]]
+
+    def claim(self, index: int) -> torch.Tensor | None:
+        """The slice for piece `index`'s gradient, or None when it was claimed before."""
+        if index in self.claimed:
+            return None
+        self.claimed.add(index)
+        return self.view(index)
+
+
+class SplitChunks(torch.autograd.Function):
+    """chunks.split(sizes) whose pieces carry a `GradientSlots` slot (`piece.grad_slot`)."""
+
+    @staticmethod
+    def forward(ctx, chunks: torch.Tensor, sizes: tuple[int, ...], slots: GradientSlots):
+        ctx.slots = slots
+        return chunks.split(sizes)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        slots = ctx.slots
+        for index, grad in enumerate(grads):
+            view = slots.view(index)
+            if grad is None:
+                view.zero_()
+            elif grad.data_ptr() != view.data_ptr() or grad.stride() != view.stride():
+                view.copy_(grad)
+        buffer, slots.buffer = slots.buffer, None
+        return buffer, None, None
+
+
+def split(chunks: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
+    """The pieces of `chunks` (sizes along dim 0); with grad, each knows its gradient slot."""
+    if not chunks.requires_grad:
+        return list(chunks.split(list(sizes)))
+    slots = GradientSlots(chunks, sizes)
+    pieces = SplitChunks.apply(chunks, tuple(sizes), slots)
+    for index, piece in enumerate(pieces):
+        piece.grad_slot = (slots, index)
+    return list(pieces)
+
+
 def rotate(x: torch.Tensor, chunks: torch.Tensor, transpose: bool = False) -> torch.Tensor:
     """x R (or x R^T) for rows x (..., d) and R's chunks (d/c, c, c); no autograd graph.
 
@@ -192,12 +252,20 @@ def rotate(x: torch.Tensor, chunks: torch.Tensor, transpose: bool = False) -> to
     return torch.bmm(rows, mats.to(x.dtype)).transpose(0, 1).reshape(x.shape)
 
 
-def chunks_grad(x: torch.Tensor, grad: torch.Tensor, n_chunks: int, transpose: bool = False) -> torch.Tensor:
-    """dL/dchunks (d/c, c, c) for y = rotate(x, chunks, transpose) given dL/dy: per chunk x^T dy."""
+def chunks_grad(
+    x: torch.Tensor, grad: torch.Tensor, n_chunks: int, transpose: bool = False, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """dL/dchunks (d/c, c, c) for y = rotate(x, chunks, transpose) given dL/dy: per chunk x^T dy
+    (into `out` when given: a gradient slot of `split`)."""
     c = x.shape[-1] // n_chunks
     xr = x.reshape(-1, n_chunks, c).transpose(0, 1)  # (d/c, rows, c)
     gr = grad.reshape(-1, n_chunks, c).transpose(0, 1)
-    return torch.bmm(gr.mT, xr) if transpose else torch.bmm(xr.mT, gr)
+    a, b = (gr.mT, xr) if transpose else (xr.mT, gr)
+    if out is None:
+        return torch.bmm(a, b)
+    if out.dtype == x.dtype:
+        return torch.bmm(a, b, out=out)
+    return out.copy_(torch.bmm(a, b))
 
 
 class ChunkRotate(torch.autograd.Function):
