@@ -89,12 +89,23 @@ def test_cayley_blocks_are_as_orthogonal_as_the_pytorch_paths(monkeypatch, scale
     assert error[0] <= 1.5 * error[1] + 1e-6
 
 
-def test_tensors_the_kernels_do_not_take_go_to_the_pytorch_path():
+def test_what_the_kernels_do_not_take_goes_to_the_pytorch_path():
     half = packed(2, 16, 8, dtype=torch.float32).to(torch.bfloat16)
     assert cpu.cayley(half, 8) is None
-    blocks = Cayley.apply(packed(2, 16, 8), 8)
-    assert cpu.level(blocks, 1, blocks[0].float()) is None  # mixed dtypes
-    assert cpu.cayley(packed(2, 16, 8, dtype=torch.float32), 8) is not None
+    blocks = Cayley.apply(packed(4, 64, 8), 8)
+    assert cpu.build(blocks.to(torch.bfloat16), (0, 1)) is None
+    assert cpu.build(blocks, (1, 2)) is None and cpu.build(blocks, (0,)) is None  # factor 0 off; nothing to build
+    assert cpu.build(blocks, (0, 2)) is not None
+
+
+def test_kernels_switched_off_between_forward_and_backward_still_give_the_gradient(monkeypatch):
+    p = packed(4, 128, 8)
+    g = torch.randn(2, 64, 64, dtype=torch.float64)
+    want = pipeline(p, 8, (0, 1, 2, 3), g)[1]
+    q = p.detach().requires_grad_(True)
+    chunks = chunk_ops.BuildChunks.apply(Cayley.apply(q, 8), (0, 1, 2, 3))
+    monkeypatch.setenv("BOFT_KERNEL", "pytorch")
+    torch.testing.assert_close(torch.autograd.grad(chunks, q, g)[0], want, atol=1e-12, rtol=0)
 
 
 def test_the_library_is_built_once_per_source_and_reused(monkeypatch, tmp_path):

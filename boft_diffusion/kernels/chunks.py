@@ -9,6 +9,7 @@ matmul (`butterfly.apply_factor`), and runs several times slower than its flop c
 Building the chunks (`BuildChunks`) goes level by level, lowest factor first: factor i's chunks
 times the product so far (block diagonal), multiplying only the factor's nonzero b x b/2 pieces
 (`_level`), so building the chunks of every projection of a UNet at once is a few calls a level.
+On CPU the C++ kernels (`cpu.build`) do the same arithmetic one top chunk at a time.
 
     R = B_{m-1} ... B_1 B_0,   chunk_k(R) = chunk(B_top) blockdiag(chunks(B_.. ... B_0))
 
@@ -112,10 +113,7 @@ def _level(blocks: torch.Tensor, factor: int, below: torch.Tensor) -> torch.Tens
     Block p of the factor takes rows t of below's chunk in half s to rows (q, r) of its own block:
     out[(q, p, r), (s, j)] = sum_t Q_p[(q, r), (s, t)] below_s[(p, t), j]. So the level is one batched
     (b x b/2) @ (b/2 x c') matmul per (chunk, s, p), no zeros multiplied, then one reorder copy
-    into the chunks, pass by pass. On CPU the C++ kernel does the same (`cpu.level`)."""
-    native = cpu.level(blocks, factor, below)
-    if native is not None:
-        return native
+    into the chunks, pass by pass."""
     if _dense(blocks, factor, below):
         return torch.bmm(factor_chunks(blocks[factor], factor), _block_diagonal(below))
     b, size = blocks.shape[-1], blocks.shape[-1] << factor
@@ -131,10 +129,6 @@ def _level(blocks: torch.Tensor, factor: int, below: torch.Tensor) -> torch.Tens
 
 def _level_backward(blocks: torch.Tensor, factor: int, below: torch.Tensor, grad: torch.Tensor, grad_blocks):
     """dL/dbelow for out = _level(blocks, factor, below); dL/dblocks[factor] goes into `grad_blocks`."""
-    native = cpu.level_backward(blocks, factor, below, grad)
-    if native is not None:
-        grad_blocks[factor] = native[0]
-        return native[1]
     if _dense(blocks, factor, below):
         grad_blocks[factor] = factor_chunks_grad(torch.bmm(grad, _block_diagonal(below).mT), factor, blocks.shape[-1])
         grad_pairs = torch.bmm(factor_chunks(blocks[factor], factor).mT, grad)  # (k, 2c', 2c')
@@ -156,28 +150,46 @@ def _level_backward(blocks: torch.Tensor, factor: int, below: torch.Tensor, grad
 class BuildChunks(torch.autograd.Function):
     """Diagonal chunks (d/c, c, c) of R = B_{top} ... B_{low} (the active `factors`, ascending).
 
-    Saves the blocks and the products below the top level (together half the size of the
-    result), so backward recomputes no product."""
+    On CPU with factor 0 active, the C++ kernel (`cpu.build`) builds them one top chunk at a time
+    and backward recomputes the products below in cache. Otherwise this saves the blocks and the
+    products below the top level (together half the size of the result), so backward recomputes
+    no product."""
 
     @staticmethod
     def forward(ctx, blocks: torch.Tensor, factors: tuple[int, ...]) -> torch.Tensor:
-        products = [factor_chunks(blocks[factors[0]], factors[0])]  # (d/c_i, c_i, c_i)
-        for i in factors[1:]:
-            products.append(_level(blocks, i, products[-1]))
-        ctx.save_for_backward(blocks, *products[:-1])
         ctx.factors = factors
+        chunks = cpu.build(blocks, factors)
+        ctx.native = chunks is not None
+        if ctx.native:
+            ctx.save_for_backward(blocks)
+            return chunks
+        products = _products(blocks, factors)
+        ctx.save_for_backward(blocks, *products[:-1])
         return products[-1].clone() if factors == (0,) else products[-1]  # (factor 0 alone is a view of blocks)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         blocks, *products = ctx.saved_tensors
         factors = ctx.factors
+        if ctx.native:
+            grad_blocks = cpu.build_backward(blocks, factors, grad)
+            if grad_blocks is not None:
+                return grad_blocks, None
+            products = _products(blocks, factors)[:-1]  # the kernels were switched off since forward
         grad_blocks = torch.empty_like(blocks, memory_format=torch.contiguous_format)
         grad_blocks[[i for i in range(blocks.shape[0]) if i not in factors]] = 0
         for j in range(len(factors) - 1, 0, -1):  # product_j = level(factor_j, product_{j-1})
             grad = _level_backward(blocks, factors[j], products[j - 1], grad, grad_blocks)
         grad_blocks[factors[0]] = factor_chunks_grad(grad, factors[0], blocks.shape[-1])
         return grad_blocks, None
+
+
+def _products(blocks: torch.Tensor, factors: tuple[int, ...]) -> list[torch.Tensor]:
+    """Chunks of B_{f_0}, B_{f_1} B_{f_0}, ..., R: one per level (`_level`)."""
+    products = [factor_chunks(blocks[factors[0]], factors[0])]  # (d/c_i, c_i, c_i)
+    for i in factors[1:]:
+        products.append(_level(blocks, i, products[-1]))
+    return products
 
 
 class GradientSlots:

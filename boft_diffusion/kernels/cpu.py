@@ -1,10 +1,11 @@
-"""C++ CPU kernels for the per-step parameter pipeline: Cayley blocks and the chunk build's levels.
+"""C++ CPU kernels for the per-step parameter pipeline: Cayley blocks and the rotation chunks.
 
 Why: every training step turns all skew parameters into rotation chunks (`butterfly.Cayley`, then
 `chunks.BuildChunks`), a fixed cost whatever the batch. In PyTorch that is dozens of small ops over
 8 x 8 blocks whose intermediates pass through memory: ~85 ms of SD 1.5's step on one core, as much as
 the whole 5% a user would notice next to LoRA at small latents. The same arithmetic as loops per
-block (`cpu_kernels.cpp`) keeps them in registers and runs it ~3x faster.
+block, and the chunk build one top chunk at a time (`cpu_kernels.cpp`), keeps them in registers and
+cache and runs it ~3x faster.
 
 The source is compiled on first use with the system's C++ compiler (`$CXX`, else c++/g++/clang++;
 about 5 s) into a cache folder keyed by the source, the flags, the compiler and the CPU
@@ -119,10 +120,10 @@ def _load() -> Optional[ctypes.CDLL]:
     for suffix in SUFFIXES.values():
         getattr(lib, f"boft_cayley_forward_{suffix}").argtypes = [pointer, pointer, size, integer, integer]
         getattr(lib, f"boft_cayley_backward_{suffix}").argtypes = [pointer, pointer, pointer, size, integer, integer]
-        getattr(lib, f"boft_level_forward_{suffix}").argtypes = [pointer, pointer, pointer, size, integer, integer,
-                                                                 integer, integer]
-        getattr(lib, f"boft_level_backward_{suffix}").argtypes = [pointer] * 5 + [size, integer, integer, integer,
-                                                                                  integer]
+        getattr(lib, f"boft_build_forward_{suffix}").argtypes = [pointer, size, pointer, integer, integer, size,
+                                                                 pointer, integer]
+        getattr(lib, f"boft_build_backward_{suffix}").argtypes = [pointer, size, pointer, integer, integer, size,
+                                                                  pointer, pointer, integer]
     logger.info("CPU kernels loaded from %s", path)
     return lib
 
@@ -172,30 +173,32 @@ def cayley_backward(blocks: torch.Tensor, grad: torch.Tensor) -> Optional[torch.
     return out
 
 
-def level(blocks: torch.Tensor, factor: int, below: torch.Tensor) -> Optional[torch.Tensor]:
-    """`chunks._level`: chunks of B_factor times the block-diagonal product `below`, (n, c, c)."""
-    run = _function("level_forward", blocks, below)
-    if run is None:
+def build(blocks: torch.Tensor, factors: tuple[int, ...]) -> Optional[torch.Tensor]:
+    """`chunks.BuildChunks` forward for factors (0, ...) (at least two): chunks (d/c, c, c) of R."""
+    run = _function("build_forward", blocks)
+    if run is None or len(factors) < 2 or factors[0] != 0:
         return None
-    b, small = blocks.shape[-1], below.shape[-1]
-    size = b << factor
-    n = below.shape[0] * small // size
-    factor_blocks, below = blocks[factor].detach().contiguous(), below.detach().contiguous()
-    out = below.new_empty(n, size, size)
-    run(factor_blocks.data_ptr(), below.data_ptr(), out.data_ptr(), n, b // 2, factor, small, torch.get_num_threads())
+    blocks = blocks.detach().contiguous()
+    b, c = blocks.shape[-1], blocks.shape[-1] << factors[-1]
+    n_top = blocks.shape[1] * b // c
+    out = blocks.new_empty(n_top, c, c)
+    run(blocks.data_ptr(), blocks[0].numel(), _ints(factors), len(factors), b, n_top, out.data_ptr(),
+        torch.get_num_threads())
     return out
 
 
-def level_backward(
-    blocks: torch.Tensor, factor: int, below: torch.Tensor, grad: torch.Tensor
-) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    """`chunks._level_backward`: (dL/dblocks[factor], dL/dbelow) from dL/dout."""
-    run = _function("level_backward", blocks, below, grad)
-    if run is None:
+def build_backward(blocks: torch.Tensor, factors: tuple[int, ...], grad: torch.Tensor) -> Optional[torch.Tensor]:
+    """`chunks.BuildChunks` backward: dL/dblocks (m, d/b, b, b), zero for the inactive factors."""
+    run = _function("build_backward", blocks, grad)
+    if run is None or len(factors) < 2 or factors[0] != 0:
         return None
-    factor_blocks = blocks[factor].detach().contiguous()
-    below, grad = below.detach().contiguous(), grad.detach().contiguous()
-    grad_blocks, grad_below = torch.empty_like(factor_blocks), torch.empty_like(below)
-    run(factor_blocks.data_ptr(), below.data_ptr(), grad.data_ptr(), grad_blocks.data_ptr(), grad_below.data_ptr(),
-        grad.shape[0], blocks.shape[-1] // 2, factor, below.shape[-1], torch.get_num_threads())
-    return grad_blocks, grad_below
+    blocks, grad = blocks.detach().contiguous(), grad.detach().contiguous()
+    grad_blocks = torch.empty_like(blocks)
+    grad_blocks[[i for i in range(blocks.shape[0]) if i not in factors]] = 0
+    run(blocks.data_ptr(), blocks[0].numel(), _ints(factors), len(factors), blocks.shape[-1], grad.shape[0],
+        grad.data_ptr(), grad_blocks.data_ptr(), torch.get_num_threads())
+    return grad_blocks
+
+
+def _ints(values: tuple[int, ...]):
+    return (ctypes.c_int * len(values))(*values)

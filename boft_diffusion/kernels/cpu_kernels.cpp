@@ -131,77 +131,155 @@ void cayley_backward(const T* __restrict__ q, const T* __restrict__ grad, T* __r
   });
 }
 
-// One level of the chunk build (chunks._level): out (n, c, c) = chunks of factor `factor` (blocks
-// (n * 2^f, b, b), b = 2 * half) times the block-diagonal product below (chunks of width `small`).
+// One level of the chunk build (chunks._level), for chunks [0, n) of the pointers given: out (n, c, c)
+// = chunks of factor `factor` (blocks (n * 2^f, b, b), b = 2 * half) times the block-diagonal product
+// below (chunks of width `small`).
 // out[k][(q, p, r)][(s, g, j)] = sum_t Q_{k,p}[(q, r), (s, t)] below[(2k + s) groups + g][(p', t)][j]
 // for p = g * (small / half) + p'; every other entry (other g) is zero.
 template <class T, int SC, int HC>
-void level_forward(const T* __restrict__ blocks, const T* __restrict__ below, T* __restrict__ out, int64_t n, int half_rt, int factor, int small_rt,
-                   int threads) {
+void level_forward(const T* __restrict__ blocks, const T* __restrict__ below, T* __restrict__ out, int64_t n,
+                   int half_rt, int factor, int small_rt) {
   const int half = HC ? HC : half_rt, small = SC ? SC : small_rt, b = 2 * half;
   const int c = b << factor, hc = c / 2, pairs = 1 << factor, groups = hc / small, per_group = small / half;
-  parallel(n, threads, n * c * c, [=](int64_t lo, int64_t hi) {
-    Scratch<T, SC> buf(small);
-    T* __restrict__ acc = buf.data();
-    for (int64_t k = lo; k < hi; ++k) {
-      T* o = out + k * c * c;
-      if (groups > 1) std::memset(o, 0, sizeof(T) * c * c);
-      for (int p = 0; p < pairs; ++p) {
-        const int g = p / per_group, pp = p % per_group;
-        const T* qb = blocks + (k * pairs + p) * b * b;
-        for (int s = 0; s < 2; ++s) {
-          const T* rows = below + ((k * 2 + s) * groups + g) * small * small + pp * half * small;
+  Scratch<T, SC> buf(small);
+  T* __restrict__ acc = buf.data();
+  for (int64_t k = 0; k < n; ++k) {
+    T* o = out + k * c * c;
+    if (groups > 1) std::memset(o, 0, sizeof(T) * c * c);
+    for (int p = 0; p < pairs; ++p) {
+      const int g = p / per_group, pp = p % per_group;
+      const T* qb = blocks + (k * pairs + p) * b * b;
+      for (int s = 0; s < 2; ++s) {
+        const T* rows = below + ((k * 2 + s) * groups + g) * small * small + pp * half * small;
+        for (int q = 0; q < 2; ++q)
+          for (int r = 0; r < half; ++r) {
+            const T* w = qb + (q * half + r) * b + s * half;
+            for (int j = 0; j < small; ++j) acc[j] = w[0] * rows[j];
+            for (int t = 1; t < half; ++t)
+              for (int j = 0; j < small; ++j) acc[j] += w[t] * rows[t * small + j];
+            std::memcpy(o + (q * hc + p * half + r) * c + s * hc + g * small, acc, sizeof(T) * small);
+          }
+      }
+    }
+  }
+}
+
+// chunks._level_backward for chunks [0, n): dL/dblocks of the factor and dL/dbelow from dL/dout.
+template <class T, int SC, int HC>
+void level_backward(const T* __restrict__ blocks, const T* __restrict__ below, const T* __restrict__ grad,
+                    T* __restrict__ grad_blocks, T* __restrict__ grad_below, int64_t n, int half_rt, int factor,
+                    int small_rt) {
+  const int half = HC ? HC : half_rt, small = SC ? SC : small_rt, b = 2 * half;
+  const int c = b << factor, hc = c / 2, pairs = 1 << factor, groups = hc / small, per_group = small / half;
+  Scratch<T, SC> buf(small);
+  T* __restrict__ acc = buf.data();
+  for (int64_t k = 0; k < n; ++k) {
+    const T* go = grad + k * c * c;
+    for (int p = 0; p < pairs; ++p) {
+      const int g = p / per_group, pp = p % per_group;
+      const T* qb = blocks + (k * pairs + p) * b * b;
+      T* gq = grad_blocks + (k * pairs + p) * b * b;
+      for (int s = 0; s < 2; ++s) {
+        const int64_t at = ((k * 2 + s) * groups + g) * small * small + pp * half * small;
+        for (int t = 0; t < half; ++t) {  // row t of dL/dbelow accumulates in registers across (q, r)
+          const T* __restrict__ row = below + at + t * small;
+          for (int j = 0; j < small; ++j) acc[j] = 0;
           for (int q = 0; q < 2; ++q)
             for (int r = 0; r < half; ++r) {
-              const T* w = qb + (q * half + r) * b + s * half;
-              for (int j = 0; j < small; ++j) acc[j] = w[0] * rows[j];
-              for (int t = 1; t < half; ++t)
-                for (int j = 0; j < small; ++j) acc[j] += w[t] * rows[t * small + j];
-              std::memcpy(o + (q * hc + p * half + r) * c + s * hc + g * small, acc, sizeof(T) * small);
+              const T* __restrict__ gr = go + (q * hc + p * half + r) * c + s * hc + g * small;
+              const int e = (q * half + r) * b + s * half + t;
+              T dot = 0;
+#pragma omp simd reduction(+ : dot)
+              for (int j = 0; j < small; ++j) dot += gr[j] * row[j];
+              gq[e] = dot;
+              const T w = qb[e];
+              for (int j = 0; j < small; ++j) acc[j] += w * gr[j];
             }
+          std::memcpy(grad_below + at + t * small, acc, sizeof(T) * small);
         }
+      }
+    }
+  }
+}
+
+#define BOFT_LEVEL_CASES(CALL)                      \
+  if (half == 4 && small == 8) return CALL(8, 4);   \
+  if (half == 4 && small == 16) return CALL(16, 4); \
+  if (half == 4 && small == 32) return CALL(32, 4); \
+  if (half == 4 && small == 64) return CALL(64, 4); \
+  if (half == 2 && small == 4) return CALL(4, 2);   \
+  if (half == 2 && small == 8) return CALL(8, 2);   \
+  if (half == 2 && small == 16) return CALL(16, 2); \
+  if (half == 2 && small == 32) return CALL(32, 2); \
+  if (half == 8 && small == 16) return CALL(16, 8); \
+  if (half == 8 && small == 32) return CALL(32, 8); \
+  if (half == 8 && small == 64) return CALL(64, 8); \
+  return CALL(0, 0);
+
+template <class T>
+void level_forward_any(const T* bl, const T* be, T* o, int64_t n, int half, int f, int small) {
+#define BOFT_CALL(S, H) level_forward<T, S, H>(bl, be, o, n, half, f, small)
+  BOFT_LEVEL_CASES(BOFT_CALL)
+#undef BOFT_CALL
+}
+
+template <class T>
+void level_backward_any(const T* bl, const T* be, const T* g, T* gbl, T* gbe, int64_t n, int half, int f, int small) {
+#define BOFT_CALL(S, H) level_backward<T, S, H>(bl, be, g, gbl, gbe, n, half, f, small)
+  BOFT_LEVEL_CASES(BOFT_CALL)
+#undef BOFT_CALL
+}
+
+// chunks.BuildChunks with factors[0] == 0 and at least two factors: the chunks (n_top, C, C) of
+// R = B_{f_last} ... B_{f_1} B_0, one top chunk at a time, so that every product below the top
+// stays in a per-thread scratch in cache and never goes through memory. blocks: (m, D/b, b, b).
+struct Plan {
+  int64_t per_factor, per_top;  // numbers of one factor's blocks; numbers of one top chunk's blocks
+  int b, nf, top;               // block size, active factors, C
+  const int* factors;
+  int width(int j) const { return b << factors[j]; }  // chunk width after level j
+  int64_t chunks(int j) const { return top / width(j); }  // level-j chunks in one top chunk
+};
+
+template <class T>
+void build_forward(const T* blocks, const Plan plan, int64_t n_top, T* out, int threads) {
+  parallel(n_top, threads, n_top * plan.top * plan.top, [&](int64_t lo, int64_t hi) {
+    std::vector<T> ping(plan.top * plan.top / 2), pong(plan.top * plan.top / 2);
+    for (int64_t k = lo; k < hi; ++k) {
+      const T* below = blocks + k * plan.per_top;  // factor 0's blocks: chunks of width b
+      for (int j = 1; j < plan.nf; ++j) {
+        T* dst = j == plan.nf - 1 ? out + k * plan.top * plan.top : (j % 2 ? ping : pong).data();
+        level_forward_any<T>(blocks + plan.factors[j] * plan.per_factor + k * plan.per_top, below, dst, plan.chunks(j),
+                             plan.b / 2, plan.factors[j], plan.width(j - 1));
+        below = dst;
       }
     }
   });
 }
 
-// chunks._level_backward: dL/dblocks of the factor and dL/dbelow from dL/dout (n, c, c).
-template <class T, int SC, int HC>
-void level_backward(const T* __restrict__ blocks, const T* __restrict__ below, const T* __restrict__ grad,
-                    T* __restrict__ grad_blocks, T* __restrict__ grad_below, int64_t n,
-                    int half_rt, int factor, int small_rt, int threads) {
-  const int half = HC ? HC : half_rt, small = SC ? SC : small_rt, b = 2 * half;
-  const int c = b << factor, hc = c / 2, pairs = 1 << factor, groups = hc / small, per_group = small / half;
-  parallel(n, threads, n * c * c, [=](int64_t lo, int64_t hi) {
-    Scratch<T, SC * HC> buf(half * small);
-    T* __restrict__ acc = buf.data();  // dL/dbelow rows (p', t) of one (k, p, s)
+// dL/dblocks of the active factors (the rest untouched) from dL/dchunks: per top chunk, the products
+// below the top are recomputed in scratch (cheap, in cache) and the gradient walks back down.
+template <class T>
+void build_backward(const T* blocks, const Plan plan, int64_t n_top, const T* grad, T* grad_blocks, int threads) {
+  parallel(n_top, threads, n_top * plan.top * plan.top, [&](int64_t lo, int64_t hi) {
+    std::vector<T> products(plan.top * plan.top), ping(plan.top * plan.top / 2), pong(plan.top * plan.top / 2);
+    std::vector<const T*> below(plan.nf);
     for (int64_t k = lo; k < hi; ++k) {
-      const T* go = grad + k * c * c;
-      for (int p = 0; p < pairs; ++p) {
-        const int g = p / per_group, pp = p % per_group;
-        const T* qb = blocks + (k * pairs + p) * b * b;
-        T* gq = grad_blocks + (k * pairs + p) * b * b;
-        for (int s = 0; s < 2; ++s) {
-          const int64_t at = ((k * 2 + s) * groups + g) * small * small + pp * half * small;
-          const T* rows = below + at;
-          std::fill(acc, acc + half * small, T(0));
-          for (int q = 0; q < 2; ++q)
-            for (int r = 0; r < half; ++r) {
-              const T* gr = go + (q * hc + p * half + r) * c + s * hc + g * small;
-              const T* w = qb + (q * half + r) * b + s * half;
-              T* gw = gq + (q * half + r) * b + s * half;
-              for (int t = 0; t < half; ++t) {
-                const T* row = rows + t * small;
-                T dot = 0;
-#pragma omp simd reduction(+ : dot)
-                for (int j = 0; j < small; ++j) dot += gr[j] * row[j];
-                gw[t] = dot;
-                T* a = acc + t * small;
-                for (int j = 0; j < small; ++j) a[j] += w[t] * gr[j];
-              }
-            }
-          std::memcpy(grad_below + at, acc, sizeof(T) * half * small);
-        }
+      below[0] = blocks + k * plan.per_top;
+      T* next = products.data();
+      for (int j = 1; j < plan.nf - 1; ++j) {  // products of levels 1 .. nf-2
+        level_forward_any<T>(blocks + plan.factors[j] * plan.per_factor + k * plan.per_top, below[j - 1], next,
+                             plan.chunks(j), plan.b / 2, plan.factors[j], plan.width(j - 1));
+        below[j] = next;
+        next += plan.top * plan.width(j);
+      }
+      const T* g = grad + k * plan.top * plan.top;
+      for (int j = plan.nf - 1; j >= 1; --j) {
+        const int64_t at = plan.factors[j] * plan.per_factor + k * plan.per_top;
+        T* grad_below = j == 1 ? grad_blocks + k * plan.per_top : (j % 2 ? ping : pong).data();
+        level_backward_any<T>(blocks + at, below[j - 1], g, grad_blocks + at, grad_below, plan.chunks(j), plan.b / 2,
+                              plan.factors[j], plan.width(j - 1));
+        g = grad_below;
       }
     }
   });
@@ -228,35 +306,6 @@ void cayley_backward_any(const T* q, const T* g, T* gp, int64_t n, int b, int th
   }
 }
 
-#define BOFT_LEVEL_CASES(CALL)                                   \
-  if (half == 4 && small == 8) return CALL(8, 4);                \
-  if (half == 4 && small == 16) return CALL(16, 4);              \
-  if (half == 4 && small == 32) return CALL(32, 4);              \
-  if (half == 4 && small == 64) return CALL(64, 4);              \
-  if (half == 2 && small == 4) return CALL(4, 2);                \
-  if (half == 2 && small == 8) return CALL(8, 2);                \
-  if (half == 2 && small == 16) return CALL(16, 2);              \
-  if (half == 2 && small == 32) return CALL(32, 2);              \
-  if (half == 8 && small == 16) return CALL(16, 8);              \
-  if (half == 8 && small == 32) return CALL(32, 8);              \
-  if (half == 8 && small == 64) return CALL(64, 8);              \
-  return CALL(0, 0);
-
-template <class T>
-void level_forward_any(const T* bl, const T* be, T* o, int64_t n, int half, int f, int small, int th) {
-#define BOFT_CALL(S, H) level_forward<T, S, H>(bl, be, o, n, half, f, small, th)
-  BOFT_LEVEL_CASES(BOFT_CALL)
-#undef BOFT_CALL
-}
-
-template <class T>
-void level_backward_any(const T* bl, const T* be, const T* g, T* gbl, T* gbe, int64_t n, int half, int f, int small,
-                        int th) {
-#define BOFT_CALL(S, H) level_backward<T, S, H>(bl, be, g, gbl, gbe, n, half, f, small, th)
-  BOFT_LEVEL_CASES(BOFT_CALL)
-#undef BOFT_CALL
-}
-
 }  // namespace
 
 extern "C" {
@@ -265,12 +314,15 @@ extern "C" {
   void boft_cayley_backward_##NAME(const T* q, const T* g, T* gp, int64_t n, int b, int th) {                       \
     cayley_backward_any<T>(q, g, gp, n, b, th);                                                                     \
   }                                                                                                                 \
-  void boft_level_forward_##NAME(const T* bl, const T* be, T* o, int64_t n, int half, int f, int small, int th) {   \
-    level_forward_any<T>(bl, be, o, n, half, f, small, th);                                                         \
+  void boft_build_forward_##NAME(const T* blocks, int64_t per_factor, const int* factors, int nf, int b,          \
+                                 int64_t n_top, T* out, int th) {                                                   \
+    const Plan plan{per_factor, (int64_t)(b << factors[nf - 1]) * b, b, nf, b << factors[nf - 1], factors};         \
+    build_forward<T>(blocks, plan, n_top, out, th);                                                                 \
   }                                                                                                                 \
-  void boft_level_backward_##NAME(const T* bl, const T* be, const T* g, T* gbl, T* gbe, int64_t n, int half, int f, \
-                                  int small, int th) {                                                              \
-    level_backward_any<T>(bl, be, g, gbl, gbe, n, half, f, small, th);                                              \
+  void boft_build_backward_##NAME(const T* blocks, int64_t per_factor, const int* factors, int nf, int b,         \
+                                  int64_t n_top, const T* grad, T* grad_blocks, int th) {                           \
+    const Plan plan{per_factor, (int64_t)(b << factors[nf - 1]) * b, b, nf, b << factors[nf - 1], factors};         \
+    build_backward<T>(blocks, plan, n_top, grad, grad_blocks, th);                                                  \
   }
 BOFT_EXPORT(float, f32)
 BOFT_EXPORT(double, f64)
