@@ -524,6 +524,8 @@ def machine_info(args) -> dict:
     import peft
     import torch
 
+    from boft_diffusion.kernels import cpu as cpu_kernels
+
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
     info = {
@@ -536,6 +538,8 @@ def machine_info(args) -> dict:
         "diffusers": diffusers.__version__,
         "peft": peft.__version__,
         "loadavg_start": os.getloadavg(),
+        # which path builds the Cayley blocks and rotation chunks on CPU (compiled here once, before any mode runs)
+        "boft_cpu_kernels": "c++" if cpu_kernels.library() is not None else "pytorch",
     }
     if args.device == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()

@@ -114,7 +114,8 @@ def _load() -> Optional[ctypes.CDLL]:
             lib = ctypes.CDLL(str(_build(compiler)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
         logger.warning("Could not build the CPU kernels with %s (%s): the PyTorch path builds the Cayley blocks and "
-                       "rotation chunks instead (same results, slower training steps).", compiler, err)
+                       "rotation chunks instead (same results, slower training steps). Set CXX to a working C++ "
+                       "compiler, or BOFT_DIFFUSION_CACHE to a writable folder.", compiler, err)
         return None
     pointer, size, integer = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     for suffix in SUFFIXES.values():
