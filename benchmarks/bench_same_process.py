@@ -5,9 +5,13 @@ Why beside `bench_training.py` (one fresh process per mode): on CPU the SD 1.5 U
 convolutions cost +-60 ms a step more or less from one process to the next (oneDNN's weight
 reorders into fresh buffers), the same for every mode but not in the same process, so a 5%
 comparison needs many rounds there. Here every mode runs the same weights in the same process,
-steps alternate (floor, lora, ours, ..., floor, lora, ours, ...), so whatever the machine or the
-process does is shared alike. Memory is not measured here (one process holds every mode):
-`bench_training.py` gives each mode's own peak.
+steps alternate (floor, lora, ours, ..., lora, ours, floor, ...: each round starts one mode later,
+so no mode always follows the same one), so whatever the machine or the process does is shared
+alike. Besides each mode's median step, the table gives the median over rounds of its step divided
+by LoRA's step of the same round ("paired"): on a VM whose speed drifts over seconds to minutes
+(seen: +-15% from step to step), neighbouring steps share the drift and the paired ratio cancels it.
+Memory is not measured here (one process holds every mode): `bench_training.py` gives each mode's
+own peak.
 
     python benchmarks/bench_same_process.py --latent 16 --steps 12
     python benchmarks/bench_same_process.py --latent 32 --steps 10 --out benchmarks/results/same_process_latent32.json
@@ -81,7 +85,7 @@ def measure(args) -> dict:
         steps[mode], counts[mode] = make_step(mode, shared_copy(unet), args)
     cpu = {mode: [] for mode in modes}
     for i in range(args.warmup + args.steps):
-        for mode in modes:
+        for mode in modes[i % len(modes):] + modes[: i % len(modes)]:
             start = time.process_time()
             steps[mode]()
             if i >= args.warmup:
@@ -95,21 +99,28 @@ def measure(args) -> dict:
     }
 
 
+def paired(times: list[float], reference: list[float]) -> float:
+    """Median over rounds of a mode's step over the reference's step in the same round."""
+    return statistics.median(t / r for t, r in zip(times, reference))
+
+
 def table(report: dict) -> str:
     results = report["results"]
     lora, floor = results.get("lora", {}).get("cpu_s"), results.get("floor", {}).get("cpu_s")
+    lora_times = results.get("lora", {}).get("cpu_times_s")
     s = report["settings"]
     lines = [
         f"Same process, interleaved: {s['model']} batch {s['batch']}, {s['latent']}x{s['latent']} latents, "
         f"{s['steps']} steps per mode after {s['warmup']} warm-up, {s['threads']} thread(s), CPU s per step (median)",
         "",
-        "| mode | params | CPU s/step | vs LoRA | over floor |",
-        "|---|---|---|---|---|",
+        "| mode | params | CPU s/step | vs LoRA | vs LoRA, paired | over floor |",
+        "|---|---|---|---|---|---|",
     ]
     for mode, r in results.items():
         vs_lora = f"{r['cpu_s'] / lora:.3f}x" if lora else "-"
+        vs_lora_paired = f"{paired(r['cpu_times_s'], lora_times):.3f}x" if lora_times else "-"
         over = f"+{1000 * (r['cpu_s'] - floor):.0f} ms" if floor is not None and mode != "floor" else "-"
-        lines.append(f"| {mode} | {r['params']:,} | {r['cpu_s']:.3f} | {vs_lora} | {over} |")
+        lines.append(f"| {mode} | {r['params']:,} | {r['cpu_s']:.3f} | {vs_lora} | {vs_lora_paired} | {over} |")
     return "\n".join(lines)
 
 

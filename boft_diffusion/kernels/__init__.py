@@ -12,7 +12,8 @@ changes the rotation itself (m, b and the active factors are always what the cal
 
 BOFT_KERNEL=auto (default) | pytorch | triton forces a path. `triton` on a CPU tensor runs
 Triton's interpreter, and only when TRITON_INTERPRET=1 is set (slow: for tests); otherwise,
-and for any shape the kernel cannot take, it raises instead of falling back.
+and for any shape the kernel cannot take, it raises instead of falling back. `pytorch` also
+switches off the C++ CPU kernels that build the Cayley blocks and rotation chunks (`cpu.py`).
 """
 
 import importlib.util

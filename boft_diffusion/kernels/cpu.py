@@ -8,7 +8,7 @@ block, and the chunk build one top chunk at a time (`cpu_kernels.cpp`), keeps th
 cache and runs it ~3x faster.
 
 The source is compiled on first use with the system's C++ compiler (`$CXX`, else c++/g++/clang++;
-about 5 s) into a cache folder keyed by the source, the flags, the compiler and the CPU
+about 10 s) into a cache folder keyed by the source, the flags, the compiler and the CPU
 ($BOFT_DIFFUSION_CACHE, else $XDG_CACHE_HOME or ~/.cache, then `boft_diffusion/`), and loaded with
 ctypes, no torch headers. Where no compiler works, or with BOFT_KERNEL=pytorch, the PyTorch path runs:
 the same numbers to float rounding (tests hold the two together), only slower; the reason is logged

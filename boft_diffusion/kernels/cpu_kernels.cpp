@@ -1,11 +1,12 @@
-// CPU kernels of the per-step parameter pipeline: Cayley blocks and the levels of the chunk build.
+// CPU kernels of the per-step parameter pipeline: Cayley blocks and the rotation chunks built from them.
 //
-// The same arithmetic as butterfly.Cayley and chunks._level / _level_backward (the PyTorch
-// reference, which tests hold these to), as plain loops: per block, or per pair of half chunks,
-// everything stays in registers or L1 instead of passing through memory between a dozen small
-// torch ops. Sizes that matter for vectorising (b, the width of the chunks below) are template
-// parameters for the common powers of two; 0 means "read at run time" (any other size).
-// Plain C ABI on raw pointers (contiguous tensors), loaded with ctypes: no torch headers.
+// The same arithmetic as butterfly.Cayley and chunks.BuildChunks (the PyTorch reference, which
+// tests hold these to), as plain loops: Cayley 16 blocks at a time (each elimination step one vector
+// op across them), and the chunk build one top chunk at a time, so that the products below the top
+// and their gradients stay in a per-thread scratch in cache instead of passing through memory
+// between a dozen small torch ops. Sizes that matter for vectorising (b, the width of the chunks
+// below) are template parameters for the common powers of two; 0 means "read at run time".
+// Plain C ABI on raw pointers (contiguous tensors), loaded with ctypes (kernels/cpu.py): no torch headers.
 
 #include <algorithm>
 #include <cstdint>
