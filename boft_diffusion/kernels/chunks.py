@@ -171,13 +171,12 @@ class BuildChunks(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         blocks, *products = ctx.saved_tensors
         factors = ctx.factors
-        if ctx.native:
-            grad_blocks = cpu.build_backward(blocks, factors, grad)
-            if grad_blocks is not None:
-                return grad_blocks, None
-            products = _products(blocks, factors)[:-1]  # the kernels were switched off since forward
         grad_blocks = torch.empty_like(blocks, memory_format=torch.contiguous_format)
         grad_blocks[[i for i in range(blocks.shape[0]) if i not in factors]] = 0
+        if ctx.native:
+            if cpu.build_backward(blocks, factors, grad, grad_blocks):
+                return grad_blocks, None
+            products = _products(blocks, factors)[:-1]  # the kernels were switched off since forward
         for j in range(len(factors) - 1, 0, -1):  # product_j = level(factor_j, product_{j-1})
             grad = _level_backward(blocks, factors[j], products[j - 1], grad, grad_blocks)
         grad_blocks[factors[0]] = factor_chunks_grad(grad, factors[0], blocks.shape[-1])

@@ -188,17 +188,16 @@ def build(blocks: torch.Tensor, factors: tuple[int, ...]) -> Optional[torch.Tens
     return out
 
 
-def build_backward(blocks: torch.Tensor, factors: tuple[int, ...], grad: torch.Tensor) -> Optional[torch.Tensor]:
-    """`chunks.BuildChunks` backward: dL/dblocks (m, d/b, b, b), zero for the inactive factors."""
+def build_backward(blocks: torch.Tensor, factors: tuple[int, ...], grad: torch.Tensor, grad_blocks: torch.Tensor) -> bool:
+    """`chunks.BuildChunks` backward: dL/dblocks of the active factors into `grad_blocks` (contiguous,
+    like blocks; the other factors are left alone). False when the kernels do not apply."""
     run = _function("build_backward", blocks, grad)
     if run is None or len(factors) < 2 or factors[0] != 0:
-        return None
+        return False
     blocks, grad = blocks.detach().contiguous(), grad.detach().contiguous()
-    grad_blocks = torch.empty_like(blocks)
-    grad_blocks[[i for i in range(blocks.shape[0]) if i not in factors]] = 0
     run(blocks.data_ptr(), blocks[0].numel(), _ints(factors), len(factors), blocks.shape[-1], grad.shape[0],
         grad.data_ptr(), grad_blocks.data_ptr(), torch.get_num_threads())
-    return grad_blocks
+    return True
 
 
 def _ints(values: tuple[int, ...]):
