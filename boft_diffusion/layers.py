@@ -15,6 +15,7 @@ once per step, in a few batched calls; without grad they are cached until the sk
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from typing import Sequence
@@ -86,14 +87,13 @@ class RotationGroup:
         (or the skew's wider dtype) whatever autocast says. A round's own saved tensors are kept
         as they are even inside a checkpointed region (identity hooks shadow checkpoint's): the
         round serves other regions too, so recomputing one region must not redo it."""
-        with torch.autocast(rotation.boft_skew.device.type, enabled=False), _keep_saved_tensors():
-            return self._tensors(rotation, want_chunks)
-
-    def _tensors(self, rotation: "ButterflyRotation", want_chunks: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        rotation._wants_chunks = want_chunks or bool(rotation._wants_chunks)
+        wanted = want_chunks or bool(rotation._wants_chunks)
+        if rotation._wants_chunks is not wanted:  # (a Module attribute write is slow: only on change)
+            rotation._wants_chunks = wanted
         key = rotation._tensor_key()
         if rotation._fresh_dropout():  # its own seeded masks every call
-            return _compute([rotation], rotation.blocks())[0][0]
+            with _computing(rotation.boft_skew.device.type):
+                return _compute([rotation], rotation.blocks())[0][0]
         if not (torch.is_grad_enabled() and rotation.boft_skew.requires_grad):
             cached = rotation._tensor_cache
             if cached is None or cached[0] != key or (want_chunks and cached[2] is None):
@@ -139,8 +139,17 @@ class RotationGroup:
             del self._rounds[compat]
 
 
-def _keep_saved_tensors():
-    return torch.autograd.graph.saved_tensors_hooks(_same, _same)
+def _autocast_off(device_type: str):
+    """Autocast switched off, entered only where it is on (entering it costs more than the small
+    ops it would guard)."""
+    return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _computing(device_type: str):
+    """Where a round is computed: in fp32 whatever autocast says, its saved tensors kept as they are."""
+    with _autocast_off(device_type), torch.autograd.graph.saved_tensors_hooks(_same, _same):
+        yield
 
 
 def _same(tensor: torch.Tensor) -> torch.Tensor:
@@ -150,6 +159,12 @@ def _same(tensor: torch.Tensor) -> torch.Tensor:
 def _compute(members: Sequence["ButterflyRotation"], blocks: torch.Tensor | None = None):
     """([(blocks, chunks or None)] per member, all blocks) for same-shape members: one Cayley
     solve and one chunk build."""
+    first = members[0]
+    with _computing(first.boft_skew.device.type):
+        return _compute_now(members, blocks)
+
+
+def _compute_now(members: Sequence["ButterflyRotation"], blocks: torch.Tensor | None):
     first = members[0]
     if blocks is None:
         packed = torch.cat([r.scaled_skew() for r in members], dim=1) if len(members) > 1 else first.scaled_skew()
@@ -364,20 +379,24 @@ def output_scale(rotations: Sequence[ButterflyRotation]) -> torch.Tensor:
     return scale
 
 
-def _stages(rotations: Sequence[ButterflyRotation], rows: int, device) -> tuple[tuple, list[torch.Tensor]]:
-    """How each active rotation is applied to x (("chunks",) or ("blocks", order)) and its tensor."""
-    stages, tensors = [], []
-    for rotation in rotations:
-        order = rotation.order(False)
-        if not order:
-            continue
-        if rotation.use_chunks(rows, device):
-            stages.append(("chunks",))
-            tensors.append(rotation.step_tensors(want_chunks=True)[1])
-        else:
-            stages.append(("blocks", order))
-            tensors.append(rotation.step_tensors(want_chunks=False)[0])
-    return tuple(stages), tensors
+def _plan(rotations: Sequence[ButterflyRotation], rows: int, out_features: int, grad: bool, device) -> tuple | None:
+    """How this call runs: None to rotate the weight, else how each active rotation is applied to
+    x: ("chunks",) or ("blocks", order)."""
+    if not rotate_input_side(rows, rotations, out_features, grad, device):
+        return None
+    return tuple(
+        ("chunks",) if rotation.use_chunks(rows, device) else ("blocks", rotation.order(False))
+        for rotation in rotations if rotation.order(False)
+    )
+
+
+def _stage_tensors(rotations: Sequence[ButterflyRotation], stages: tuple) -> list[torch.Tensor]:
+    """This step's tensor of each active rotation for its stage: chunks or blocks."""
+    active = [rotation for rotation in rotations if rotation.order(False)]
+    return [
+        r.step_tensors(want_chunks=True)[1] if stage[0] == "chunks" else r.step_tensors(want_chunks=False)[0]
+        for r, stage in zip(active, stages)
+    ]
 
 
 def _rotate(z: torch.Tensor, stage: tuple, tensor: torch.Tensor) -> torch.Tensor:
@@ -394,7 +413,7 @@ def _rotate_backward(z: torch.Tensor, grad: torch.Tensor, stage: tuple, tensor: 
         grad_tensor = None
         if need:
             out = slot[0].claim(slot[1]) if slot is not None else None
-            grad_tensor = chunk_ops.chunks_grad(z, grad, tensor.shape[0], out=out).to(tensor.dtype)
+            grad_tensor = _as(chunk_ops.chunks_grad(z, grad, tensor.shape[0], out=out), tensor.dtype)
         return (chunk_ops.rotate(grad, tensor, transpose=True) if need_z else None), grad_tensor
     return kernels.rotate_backward(z, grad, tensor, stage[1], False, need)
 
@@ -404,10 +423,15 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
 
 
+def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """tensor in dtype; a no-op `.to` still costs a dispatch, and the hot path makes ~14 a projection."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 def _scale_bias(u: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """s * u + bias in one pass."""
-    scale = scale.to(u.dtype)
-    return u * scale if bias is None else torch.addcmul(bias.to(u.dtype), u, scale)
+    scale = _as(scale, u.dtype)
+    return u * scale if bias is None else torch.addcmul(_as(bias, u.dtype), u, scale)
 
 
 class RotatedLinear(torch.autograd.Function):
@@ -422,8 +446,8 @@ class RotatedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, scale, stages: tuple, *tensors):
         dtype = _compute_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
-            z, w = x.to(dtype), weight.to(dtype)
+        with _autocast_off(x.device.type):
+            z, w = _as(x, dtype), _as(weight, dtype)
             if x.numel() > x.shape[-1] * w.shape[0] and all(stage[0] == "chunks" for stage in stages):
                 # (x R) W^T = x (W R^T)^T: with more rows in x than in W, rotating W is cheaper, and
                 # backward needs only x either way.
@@ -445,15 +469,15 @@ class RotatedLinear(torch.autograd.Function):
         x, weight, scale, u, *tensors = ctx.saved_tensors
         need = ctx.needs_input_grad
         dtype, stages = ctx.dtype, ctx.stages
-        with torch.autocast(x.device.type, enabled=False):
-            g, s = grad.to(dtype), scale.to(dtype)
+        with _autocast_off(x.device.type):
+            g, s = _as(grad, dtype), _as(scale, dtype)
             # dL/du = g s; with more numbers in g than in W (more tokens than d), (g s) W = g (s W) scales W
             g_u = g * s if need[1] or g.numel() <= weight.numel() else None
             g_z = None
             if need[0] or any(need[5:]):  # dL/dz, for x's gradient and the rotations' (text k/v need only the latter)
-                w = weight.to(dtype)
+                w = _as(weight, dtype)
                 g_z = torch.matmul(g_u, w) if g_u is not None else torch.matmul(g, w * s[:, None])
-            inputs = [x.to(dtype)]  # each rotation's input (and the last output, for dL/dW)
+            inputs = [_as(x, dtype)]  # each rotation's input (and the last output, for dL/dW)
             for stage, tensor in zip(stages, tensors):
                 if len(inputs) >= len(tensors) + need[1]:
                     break
@@ -469,28 +493,40 @@ class RotatedLinear(torch.autograd.Function):
             grad_scale = grad_bias = None
             wide = torch.promote_types(g.dtype, torch.float32)  # sums over tokens: fp16/bf16 -> fp32, fp64 stays
             if need[3]:
-                grad_scale = (g.to(wide) * u.to(wide)).reshape(-1, g.shape[-1]).sum(0).to(scale.dtype)
+                grad_scale = _as((_as(g, wide) * _as(u, wide)).reshape(-1, g.shape[-1]).sum(0), scale.dtype)
             if ctx.bias_dtype is not None and need[2]:
-                grad_bias = g.to(wide).reshape(-1, g.shape[-1]).sum(0).to(ctx.bias_dtype)
-        grad_x = g_z.to(x.dtype) if need[0] else None
+                grad_bias = _as(_as(g, wide).reshape(-1, g.shape[-1]).sum(0), ctx.bias_dtype)
+        grad_x = _as(g_z, x.dtype) if need[0] else None
         return grad_x, grad_weight, grad_bias, grad_scale, None, *grad_tensors
 
 
-def boft_linear(x: torch.Tensor, linear: nn.Linear, rotations: Sequence[ButterflyRotation]) -> torch.Tensor:
-    """s * ((x R) W^T) + bias for a frozen `linear`, choosing the cheaper side to rotate."""
+def boft_linear(x: torch.Tensor, linear: nn.Linear, rotations: Sequence[ButterflyRotation],
+                plans: dict | None = None) -> torch.Tensor:
+    """s * ((x R) W^T) + bias for a frozen `linear`, choosing the cheaper side to rotate. `plans`
+    memoises that choice per call shape (`BOFTLinear` keeps one): it is asked 128 times a step."""
     if not rotations:
         return linear(x)
     grad = torch.is_grad_enabled() and any(r.boft_skew.requires_grad or r.boft_s.requires_grad for r in rotations)
     tokens = x.numel() // x.shape[-1]
     scale = output_scale(rotations)
-    if rotate_input_side(tokens, rotations, linear.out_features, grad, x.device):
-        stages, tensors = _stages(rotations, tokens, x.device)
-        if torch.is_grad_enabled():
-            return RotatedLinear.apply(x, linear.weight, linear.bias, scale, stages, *tensors)
-        for stage, tensor in zip(stages, tensors):
-            x = _rotate(x, stage, tensor)
-        return _scale_bias(F.linear(x, linear.weight), scale, linear.bias)
-    return _scale_bias(F.linear(x, rotated_weight(linear.weight, rotations)), scale, linear.bias)
+    if plans is None or torch.compiler.is_compiling():
+        plan = _plan(rotations, tokens, linear.out_features, grad, x.device)
+    else:
+        key = (tokens, grad, torch.is_grad_enabled(), x.device, kernels.fused_kernel_runs(x.device),
+               *((id(r), r.block_size, r.factor_scales, r.boft_skew.requires_grad) for r in rotations))
+        plan = plans.get(key, False)
+        if plan is False:
+            if len(plans) >= 64:  # token counts of many resolutions: start over rather than grow
+                plans.clear()
+            plan = plans[key] = _plan(rotations, tokens, linear.out_features, grad, x.device)
+    if plan is None:
+        return _scale_bias(F.linear(x, rotated_weight(linear.weight, rotations)), scale, linear.bias)
+    tensors = _stage_tensors(rotations, plan)
+    if torch.is_grad_enabled():
+        return RotatedLinear.apply(x, linear.weight, linear.bias, scale, plan, *tensors)
+    for stage, tensor in zip(plan, tensors):
+        x = _rotate(x, stage, tensor)
+    return _scale_bias(F.linear(x, linear.weight), scale, linear.bias)
 
 
 class BOFTLinear(nn.Linear):
@@ -515,6 +551,7 @@ class BOFTLinear(nn.Linear):
         self.boft = nn.ModuleDict()
         self.active_adapters: list[str] = []
         self.register_buffer("boft_merged_weight", None, persistent=False)
+        self._plans: dict = {}  # boft_linear's memo of how to run each call shape
         self.__dict__["base_layer"] = base  # outside the module tree: its Parameters are ours now
         self.register_state_dict_post_hook(_drop_adapter_state)
         self.register_load_state_dict_post_hook(_ignore_missing_adapter_state)
@@ -557,7 +594,7 @@ class BOFTLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.boft_merged_weight is not None:
             return F.linear(x, self.boft_merged_weight, self.bias)
-        return boft_linear(x, self, self.active_rotations())
+        return boft_linear(x, self, self.active_rotations(), self._plans)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, adapters={list(self.boft)}, active={self.active_adapters}, fused={self.fused}"

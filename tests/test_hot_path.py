@@ -277,3 +277,46 @@ def test_fractional_factor_scales_do_not_grow_the_order_memo():
             rotation.rotate(x)
     assert rotation.order(False) == (1, 0) and rotation.factors() == (0, 1)
     assert 0 < layers._active_order.cache_info().currsize <= 2 ** (3 + 1)
+
+
+def test_memoised_plans_follow_every_change_and_stay_bounded(monkeypatch):
+    """BOFTLinear memoises how each call runs (side, chunks or blocks): switching factors,
+    freezing the skew, grad mode, the kernel switch or the token count must still give the
+    un-memoised result, and a server seeing many resolutions keeps at most 64 plans."""
+    d, b = 64, 8
+    wrap = BOFTLinear(nn.Linear(d, d).requires_grad_(False))
+    wrap.boft["a"] = ButterflyRotation(d, d, b, 4, init="random")
+    wrap.active_adapters = ["a"]
+    rotation = wrap.boft["a"]
+
+    def check(tokens):
+        x = torch.randn(tokens, d, requires_grad=True)
+        got, want = wrap(x), layers.boft_linear(x, wrap, [rotation])  # memoised vs planned afresh
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        z = rotate_rows(x, cayley(rotation.scaled_skew(), b), rotation.active)
+        torch.testing.assert_close(got, z @ wrap.weight.T * rotation.boft_s + wrap.bias, atol=1e-5, rtol=0)
+        if got.requires_grad:
+            dy = torch.randn_like(got)
+            params = [x] + [p for p in rotation.parameters() if p.requires_grad]
+            for g1, g2 in zip(torch.autograd.grad(got, params, dy), torch.autograd.grad(want, params, dy)):
+                torch.testing.assert_close(g1, g2, atol=1e-4, rtol=0)
+
+    for tokens in (2, 300):
+        check(tokens)
+        rotation.set_active((1.0, 1.0, 0.0, 0.0))  # another chunk size and factor order
+        check(tokens)
+        rotation.set_active((1.0, 0.5, 1.0, 1.0))
+        check(tokens)
+        rotation.boft_skew.requires_grad_(False)
+        check(tokens)
+        rotation.boft_skew.requires_grad_(True)
+        with torch.no_grad():
+            check(tokens)
+        monkeypatch.setenv("BOFT_KERNEL", "pytorch")
+        check(tokens)
+        monkeypatch.delenv("BOFT_KERNEL")
+    assert len(wrap._plans) > 4
+    with torch.no_grad():
+        for tokens in range(1, 200):
+            wrap(torch.randn(tokens, d))
+    assert len(wrap._plans) <= 64

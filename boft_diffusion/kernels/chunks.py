@@ -260,7 +260,8 @@ def rotate(x: torch.Tensor, chunks: torch.Tensor, transpose: bool = False) -> to
     n, c, _ = chunks.shape
     mats = chunks.mT if transpose else chunks
     rows = x.reshape(-1, n, c).transpose(0, 1)  # (d/c, rows, c)
-    return torch.bmm(rows, mats.to(x.dtype)).transpose(0, 1).reshape(x.shape)
+    mats = mats if mats.dtype == x.dtype else mats.to(x.dtype)
+    return torch.bmm(rows, mats).transpose(0, 1).reshape(x.shape)
 
 
 def chunks_grad(
