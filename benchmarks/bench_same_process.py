@@ -1,4 +1,4 @@
-"""Training-step time of several modes measured in ONE process, interleaved step by step, on
+"""Training-step (or inference-call) time of several modes measured in ONE process, interleaved step by step, on
 UNets that share the same frozen weight tensors.
 
 Why beside `bench_training.py` (one fresh process per mode): on CPU the SD 1.5 UNet's large
@@ -19,6 +19,10 @@ own peak.
 Modes are bench_training.py's training modes (floor, lora, lora_r8, peft_oft, ours, ours_m1;
 peft_boft works but takes ~1 min a step). Step = forward + MSE loss + backward + fused AdamW, CPU
 time of the process (1 thread by default); the first `--warmup` steps of every mode are dropped.
+Its inference modes (infer_base, infer_unmerged, infer_fused: one no-grad UNet call at batch
+`--infer_batch`) are compared with infer_base, the way to see fused inference cost nothing:
+
+    python benchmarks/bench_same_process.py --latent 32 --steps 16 --modes infer_base,infer_fused,infer_unmerged
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ def make_step(mode: str, unet, args):
     import torch
     import torch.nn.functional as F
 
+    if mode in bench.INFER_MODES:
+        return make_call(mode, unet, args)
     model, params = bench.setup_training(mode, unet, args, {})
     model.train()
     latents, timesteps, text, target = bench.inputs(args.batch, args, "cpu")
@@ -68,6 +74,31 @@ def make_step(mode: str, unet, args):
             raise RuntimeError(f"{mode}: non-finite loss {loss.item()}")
 
     return step, count
+
+
+def make_call(mode: str, unet, args):
+    """(one no-grad UNet call at the inference batch, adapter parameter count) for an inference mode:
+    the base model, BOFT unmerged, or fused (merged into a separate buffer: the shared base weights
+    are never written)."""
+    import torch
+    from boft_diffusion import add_boft, fuse_boft, parameter_count
+    from boft_diffusion.unet import randomize_boft
+
+    model = unet.eval()
+    count = 0
+    if mode != "infer_base":
+        add_boft(model, bench.boft_config(args))
+        randomize_boft(model, std=0.1, generator=torch.Generator().manual_seed(1))
+        count = parameter_count(model)[0]
+        if mode == "infer_fused":
+            fuse_boft(model)
+    latents, timesteps, text, _ = bench.inputs(args.infer_batch, args, "cpu")
+
+    def call():
+        with torch.no_grad():
+            model(latents, timesteps, encoder_hidden_states=text)
+
+    return call, count
 
 
 def measure(args) -> dict:
@@ -92,8 +123,8 @@ def measure(args) -> dict:
                 cpu[mode].append(time.process_time() - start)
     medians = {mode: statistics.median(times) for mode, times in cpu.items()}
     return {
-        "settings": {k: getattr(args, k) for k in ("model", "latent", "batch", "block_size", "factors", "steps",
-                                                   "warmup", "threads")},
+        "settings": {k: getattr(args, k) for k in ("model", "latent", "batch", "infer_batch", "block_size", "factors",
+                                                   "steps", "warmup", "threads")},
         "machine": bench.machine_info(args),
         "results": {mode: {"params": counts[mode], "cpu_s": medians[mode], "cpu_times_s": cpu[mode]} for mode in modes},
     }
@@ -105,23 +136,31 @@ def paired(times: list[float], reference: list[float]) -> float:
 
 
 def table(report: dict) -> str:
+    """Training modes against LoRA (and the floor), inference modes against the base model."""
     results = report["results"]
-    lora, floor = results.get("lora", {}).get("cpu_s"), results.get("floor", {}).get("cpu_s")
-    lora_times = results.get("lora", {}).get("cpu_times_s")
     s = report["settings"]
-    lines = [
-        f"Same process, interleaved: {s['model']} batch {s['batch']}, {s['latent']}x{s['latent']} latents, "
-        f"{s['steps']} steps per mode after {s['warmup']} warm-up, {s['threads']} thread(s), CPU s per step (median)",
-        "",
-        "| mode | params | CPU s/step | vs LoRA | vs LoRA, paired | over floor |",
-        "|---|---|---|---|---|---|",
-    ]
-    for mode, r in results.items():
-        vs_lora = f"{r['cpu_s'] / lora:.3f}x" if lora else "-"
-        vs_lora_paired = f"{paired(r['cpu_times_s'], lora_times):.3f}x" if lora_times else "-"
-        over = f"+{1000 * (r['cpu_s'] - floor):.0f} ms" if floor is not None and mode != "floor" else "-"
-        lines.append(f"| {mode} | {r['params']:,} | {r['cpu_s']:.3f} | {vs_lora} | {vs_lora_paired} | {over} |")
-    return "\n".join(lines)
+    lines = []
+    for kind, reference, unit in (("train", "lora", "step"), ("infer", "infer_base", "call")):
+        rows = {mode: r for mode, r in results.items() if (mode in bench.INFER_MODES) == (kind == "infer")}
+        if not rows:
+            continue
+        ref, floor = rows.get(reference, {}), rows.get("floor", {}).get("cpu_s")
+        name = "LoRA" if kind == "train" else "base"
+        batch = s["batch"] if kind == "train" else f"{s['infer_batch']} (no grad)"
+        lines += [
+            "" if lines else None,
+            f"Same process, interleaved: {s['model']} batch {batch}, {s['latent']}x{s['latent']} latents, "
+            f"{s['steps']} {unit}s per mode after {s['warmup']} warm-up, {s['threads']} thread(s), CPU s per {unit} (median)",
+            "",
+            f"| mode | params | CPU s/{unit} | vs {name} | vs {name}, paired | over floor |",
+            "|---|---|---|---|---|---|",
+        ]
+        for mode, r in rows.items():
+            vs = f"{r['cpu_s'] / ref['cpu_s']:.3f}x" if ref else "-"
+            vs_paired = f"{paired(r['cpu_times_s'], ref['cpu_times_s']):.3f}x" if ref else "-"
+            over = f"+{1000 * (r['cpu_s'] - floor):.0f} ms" if floor is not None and mode != "floor" else "-"
+            lines.append(f"| {mode} | {r['params']:,} | {r['cpu_s']:.3f} | {vs} | {vs_paired} | {over} |")
+    return "\n".join(line for line in lines if line is not None)
 
 
 def main(argv=None) -> None:
@@ -131,7 +170,10 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=1, help="training batch size (sd15)")
     p.add_argument("--steps", type=int, default=12, help="measured steps per mode")
     p.add_argument("--warmup", type=int, default=2, help="steps per mode dropped before measuring")
-    p.add_argument("--modes", default=DEFAULT_MODES, help="comma separated training modes of bench_training.py")
+    p.add_argument("--modes", default=DEFAULT_MODES,
+                   help="comma separated modes of bench_training.py: training ones (compared with lora) or inference "
+                        "ones, infer_base, infer_unmerged, infer_fused (compared with infer_base)")
+    p.add_argument("--infer_batch", type=int, default=2, help="inference batch (2 = one prompt with CFG)")
     p.add_argument("--block_size", type=int, default=8)
     p.add_argument("--factors", type=int, default=4, help="butterfly factors m of 'ours'")
     p.add_argument("--threads", type=int, default=1)
@@ -143,9 +185,10 @@ def main(argv=None) -> None:
     p.add_argument("--tiny_steps", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--tiny_infer_steps", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    unknown = [m for m in args.modes.split(",") if m and m not in bench.TRAIN_MODES]
+    known = bench.TRAIN_MODES + bench.INFER_MODES
+    unknown = [m for m in args.modes.split(",") if m and m not in known]
     if unknown or args.steps < 1 or args.warmup < 0:
-        raise SystemExit(f"--modes takes {bench.TRAIN_MODES} (got {unknown}); --steps >= 1, --warmup >= 0")
+        raise SystemExit(f"--modes takes {known} (got {unknown}); --steps >= 1, --warmup >= 0")
     if args.model == "tiny":
         args.tiny_steps = args.steps
     args.device, args.dtype = "cpu", "fp32"

@@ -47,3 +47,27 @@ def test_unknown_modes_are_refused():
 
     with pytest.raises(SystemExit, match="--modes"):
         same.main(["--modes", "floor,fast"])
+
+
+def test_inference_modes_are_compared_with_the_base_model_whose_weights_fusing_leaves_alone(tmp_path):
+    import torch
+
+    out = tmp_path / "infer.json"
+    unet = same.bench.build_unet(None, "cpu", "tiny")
+    before = {name: p.clone() for name, p in unet.named_parameters()}
+    modes = "infer_base,infer_fused,infer_unmerged"
+    args = same.argparse.Namespace(model="tiny", block_size=8, factors=2, infer_batch=2, tiny_pixels=32, tiny_batch=8,
+                                   tiny_factors=2, tiny_steps=1, tiny_infer_steps=1)
+    same.bench.use_model(args)
+    for mode in modes.split(","):
+        call, count = same.make_step(mode, same.shared_copy(unet), args)
+        call()
+        assert (count > 0) == (mode != "infer_base")
+    assert all(torch.equal(p, before[name]) for name, p in unet.named_parameters())  # fuse wrote its own buffer
+    same.main(["--model", "tiny", "--steps", "2", "--warmup", "1", "--modes", modes, "--out", str(out)])
+    report = json.loads(out.read_text())
+    results = report["results"]
+    assert list(results) == modes.split(",") and all(len(r["cpu_times_s"]) == 2 for r in results.values())
+    fused, base = results["infer_fused"], results["infer_base"]
+    assert f"| infer_fused | {fused['params']:,} | {fused['cpu_s']:.3f} | {fused['cpu_s'] / base['cpu_s']:.3f}x |" in report["markdown"]
+    assert "CPU s per call" in report["markdown"] and "vs LoRA" not in report["markdown"]
