@@ -177,6 +177,9 @@ def _compute_now(members: Sequence["ButterflyRotation"], blocks: torch.Tensor | 
         width = sum(r.block_num for r in chunked)
         chunks = chunk_ops.BuildChunks.apply(blocks[:, :width], factors)  # (sum d/c, c, c)
         c = chunk_size(first.block_size, factors)
+        k = chunk_ops.padding(c, [r.in_features for r in chunked], blocks.device)
+        if k > 1:  # small chunks rotate faster paired up (m = 1 on CPU)
+            chunks, c = chunk_ops.PadChunks.apply(chunks, k), c * k
         for i, piece in enumerate(chunk_ops.split(chunks, [r.in_features // c for r in chunked])):
             out[i] = (out[i][0], piece)
     return out, blocks

@@ -320,3 +320,31 @@ def test_memoised_plans_follow_every_change_and_stay_bounded(monkeypatch):
         for tokens in range(1, 200):
             wrap(torch.randn(tokens, d))
     assert len(wrap._plans) <= 64
+
+
+def test_small_chunks_paired_on_cpu_rotate_and_train_exactly():
+    """m = 1 (c = b = 8) rotates by block-diagonal 16 x 16 chunks on CPU: the same outputs and
+    gradients as the plain math, and the pairing's gradient keeps only the diagonal blocks."""
+    chunks = torch.randn(6, 8, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda c: chunk_ops.PadChunks.apply(c, 2), (chunks,))
+    assert chunk_ops.padding(8, [64, 128], torch.device("cpu")) == 2
+    assert chunk_ops.padding(8, [64, 72], torch.device("cpu")) == 1  # 72 = 9 x 8 cannot pair up
+    assert chunk_ops.padding(64, [64], torch.device("cpu")) == 1
+    wraps, rotations = [], []
+    for d in (64, 128):
+        w = BOFTLinear(nn.Linear(d, 32).requires_grad_(False))
+        w.boft["a"] = ButterflyRotation(d, 32, 8, 1, init="random")
+        w.active_adapters = ["a"]
+        wraps.append(w)
+        rotations.append(w.boft["a"])
+    link_rotations(rotations)
+    xs = [torch.randn(300, w.in_features, requires_grad=True) for w in wraps]
+    ys = [w(x) for w, x in zip(wraps, xs)]
+    assert rotations[0].step_tensors(want_chunks=True)[1].shape[-1] == 16
+    for w, r, x, y in zip(wraps, rotations, xs, ys):
+        expected = rotate_rows(x, cayley(r.boft_skew, 8)) @ w.weight.T * r.boft_s + w.bias
+        torch.testing.assert_close(y, expected, atol=1e-5, rtol=0)
+        dy = torch.randn_like(y)
+        params = [x, r.boft_skew, r.boft_s]
+        for got, want in zip(torch.autograd.grad(y, params, dy, retain_graph=True), torch.autograd.grad(expected, params, dy)):
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
