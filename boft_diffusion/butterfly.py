@@ -171,9 +171,10 @@ def _skew_scatter(block_size: int, dtype: torch.dtype, device: torch.device) -> 
 
 def factor_view(x: torch.Tensor, factor: int, block_size: int) -> torch.Tensor:
     """(..., d) -> (..., d/c, 2, 2^i, b/2), c = b * 2^i: the (q, p, r) view of each chunk."""
+    chunks = x.shape[-1] // (block_size << factor)  # (not -1: a reshape of no rows cannot infer it)
     if factor == 0:  # plain block diagonal (b may be odd): one "half" is the whole block
-        return x.reshape(*x.shape[:-1], -1, 1, 1, block_size)
-    return x.reshape(*x.shape[:-1], -1, 2, 2**factor, block_size // 2)
+        return x.reshape(*x.shape[:-1], chunks, 1, 1, block_size)
+    return x.reshape(*x.shape[:-1], chunks, 2, 2**factor, block_size // 2)
 
 
 def block_view(blocks: torch.Tensor, factor: int, block_size: int) -> torch.Tensor:

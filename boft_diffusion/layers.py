@@ -170,7 +170,7 @@ def _compute_now(members: Sequence["ButterflyRotation"], blocks: torch.Tensor | 
         packed = torch.cat([r.scaled_skew() for r in members], dim=1) if len(members) > 1 else first.scaled_skew()
         blocks = Cayley.apply(packed, first.block_size)  # (m, sum d/b, b, b)
     factors = first.factors()
-    per_member = blocks.split([r.block_num for r in members], dim=1)
+    per_member = chunk_ops.split(blocks, [r.block_num for r in members], dim=1)  # (gradients written in place)
     chunked = [r for r in members if r._wants_chunks]
     out = [(b, None) for b in per_member]
     if chunked and factors:
@@ -285,26 +285,26 @@ class ButterflyRotation(nn.Module):
         order = self.order(transpose)
         if not order:
             return x
-        if self.use_chunks(x.numel() // x.shape[-1], x.device):
+        if self.use_chunks(x.numel() // x.shape[-1], x.device, x.dtype):
             chunks = self.step_tensors(want_chunks=True)[1]
             if torch.is_grad_enabled():
                 return chunk_ops.ChunkRotate.apply(x, chunks, transpose)
             return chunk_ops.rotate(x, chunks, transpose)
         return ButterflyRotate.apply(x, self.step_tensors(want_chunks=False)[0], order, transpose)
 
-    def cost(self, rows: int, device: torch.device) -> float:
-        """Work to rotate `rows` rows with the implementation `rotate` picks (for the side rule)."""
+    def cost(self, rows: int, device: torch.device, dtype: torch.dtype = torch.float32) -> float:
+        """Work to rotate `rows` rows of `dtype` with the implementation `rotate` picks (for the side rule)."""
         order = self.order(False)
         if not order:
             return 0.0
-        if kernels.fused_kernel_runs(device):
+        if kernels.fused_kernel_runs(device, dtype, self.block_size):
             return len(order) * self.block_size * self.in_features * rows
         return min(self._factored_cost(rows), self._chunk_cost(rows))
 
-    def use_chunks(self, rows: int, device: torch.device) -> bool:
-        """One c x c matmul per chunk beats m block matmuls where the fused kernel does not run
-        and c stays small (c = b * 2^(m-1), so chunks lose as m grows)."""
-        if kernels.fused_kernel_runs(device):
+    def use_chunks(self, rows: int, device: torch.device, dtype: torch.dtype = torch.float32) -> bool:
+        """One c x c matmul per chunk beats m block matmuls where no fused kernel runs (Triton on
+        GPU, C++ on CPU) and c stays small (c = b * 2^(m-1), so chunks lose as m grows)."""
+        if kernels.fused_kernel_runs(device, dtype, self.block_size):
             return False
         return self._chunk_cost(rows) < self._factored_cost(rows)
 
@@ -353,7 +353,8 @@ def link_rotations(rotations: Sequence[ButterflyRotation]) -> RotationGroup:
 
 
 def rotate_input_side(
-    tokens: int, rotations: Sequence[ButterflyRotation], out_features: int, grad: bool, device: torch.device
+    tokens: int, rotations: Sequence[ButterflyRotation], out_features: int, grad: bool, device: torch.device,
+    dtype: torch.dtype = torch.float32,
 ) -> bool:
     """True when x R is cheaper than R W^T for this call.
 
@@ -361,8 +362,8 @@ def rotate_input_side(
     the input side rotates `tokens` rows, the weight side `out_features` rows. Training the
     weight side also pays dL/dW' = x^T dy, tokens*d*out, which the input side never needs.
     """
-    input_cost = sum(r.cost(tokens, device) for r in rotations)
-    weight_cost = sum(r.cost(out_features, device) for r in rotations)
+    input_cost = sum(r.cost(tokens, device, dtype) for r in rotations)
+    weight_cost = sum(r.cost(out_features, device, dtype) for r in rotations)
     if grad:
         weight_cost += tokens * rotations[0].in_features * out_features
     return input_cost <= weight_cost
@@ -382,13 +383,13 @@ def output_scale(rotations: Sequence[ButterflyRotation]) -> torch.Tensor:
     return scale
 
 
-def _plan(rotations: Sequence[ButterflyRotation], rows: int, out_features: int, grad: bool, device) -> tuple | None:
+def _plan(rotations: Sequence[ButterflyRotation], rows: int, out_features: int, grad: bool, device, dtype) -> tuple | None:
     """How this call runs: None to rotate the weight, else how each active rotation is applied to
-    x: ("chunks",) or ("blocks", order)."""
-    if not rotate_input_side(rows, rotations, out_features, grad, device):
+    x (of compute dtype `dtype`): ("chunks",) or ("blocks", order)."""
+    if not rotate_input_side(rows, rotations, out_features, grad, device, dtype):
         return None
     return tuple(
-        ("chunks",) if rotation.use_chunks(rows, device) else ("blocks", rotation.order(False))
+        ("chunks",) if rotation.use_chunks(rows, device, dtype) else ("blocks", rotation.order(False))
         for rotation in rotations if rotation.order(False)
     )
 
@@ -402,23 +403,26 @@ def _stage_tensors(rotations: Sequence[ButterflyRotation], stages: tuple) -> lis
     ]
 
 
-def _rotate(z: torch.Tensor, stage: tuple, tensor: torch.Tensor) -> torch.Tensor:
+def _rotate(z: torch.Tensor, stage: tuple, tensor: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """z R (or z R^T) by this stage's chunks or blocks (`stage[1]`: R's factor order)."""
     if stage[0] == "chunks":
-        return chunk_ops.rotate(z, tensor)
-    return kernels.rotate(z, tensor, stage[1], False)
+        return chunk_ops.rotate(z, tensor, transpose)
+    return kernels.rotate(z, tensor, stage[1][::-1] if transpose else stage[1], transpose)
 
 
 def _rotate_backward(z: torch.Tensor, grad: torch.Tensor, stage: tuple, tensor: torch.Tensor, need: bool,
                      need_z: bool = True, slot=None):
     """(dL/dz (None when not `need_z` and skipping it saves work), dL/dtensor or None) for
-    out = _rotate(z, stage, tensor); chunk gradients go into `slot` (`chunks.split`) when it is free."""
+    out = _rotate(z, stage, tensor); the chunks' or blocks' gradient goes into `slot` (`chunks.split`)
+    when it is free."""
     if stage[0] == "chunks":
         grad_tensor = None
         if need:
             out = slot[0].claim(slot[1]) if slot is not None else None
             grad_tensor = _as(chunk_ops.chunks_grad(z, grad, tensor.shape[0], out=out), tensor.dtype)
         return (chunk_ops.rotate(grad, tensor, transpose=True) if need_z else None), grad_tensor
-    return kernels.rotate_backward(z, grad, tensor, stage[1], False, need)
+    out = slot[0].claim(slot[1]) if slot is not None and need else None
+    return kernels.rotate_backward(z, grad, tensor, stage[1], False, need, need_x_grad=need_z, blocks_grad_out=out)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -451,11 +455,11 @@ class RotatedLinear(torch.autograd.Function):
         dtype = _compute_dtype(x)
         with _autocast_off(x.device.type):
             z, w = _as(x, dtype), _as(weight, dtype)
-            if x.numel() > x.shape[-1] * w.shape[0] and all(stage[0] == "chunks" for stage in stages):
+            if x.numel() > x.shape[-1] * w.shape[0]:
                 # (x R) W^T = x (W R^T)^T: with more rows in x than in W, rotating W is cheaper, and
                 # backward needs only x either way.
-                for tensor in reversed(tensors):
-                    w = chunk_ops.rotate(w, tensor, transpose=True)
+                for stage, tensor in zip(reversed(stages), reversed(tensors)):
+                    w = _rotate(w, stage, tensor, transpose=True)
             else:
                 for stage, tensor in zip(stages, tensors):
                     z = _rotate(z, stage, tensor)
@@ -512,16 +516,18 @@ def boft_linear(x: torch.Tensor, linear: nn.Linear, rotations: Sequence[Butterfl
     grad = torch.is_grad_enabled() and any(r.boft_skew.requires_grad or r.boft_s.requires_grad for r in rotations)
     tokens = x.numel() // x.shape[-1]
     scale = output_scale(rotations)
+    dtype = _compute_dtype(x)
     if plans is None or torch.compiler.is_compiling():
-        plan = _plan(rotations, tokens, linear.out_features, grad, x.device)
+        plan = _plan(rotations, tokens, linear.out_features, grad, x.device, dtype)
     else:
-        key = (tokens, grad, torch.is_grad_enabled(), x.device, kernels.fused_kernel_runs(x.device),
+        fused = kernels.fused_kernel_runs(x.device, dtype, rotations[0].block_size)  # (follows BOFT_KERNEL)
+        key = (tokens, grad, torch.is_grad_enabled(), x.device, dtype, fused,
                *((id(r), r.block_size, r.factor_scales, r.boft_skew.requires_grad) for r in rotations))
         plan = plans.get(key, False)
         if plan is False:
             if len(plans) >= 64:  # token counts of many resolutions: start over rather than grow
                 plans.clear()
-            plan = plans[key] = _plan(rotations, tokens, linear.out_features, grad, x.device)
+            plan = plans[key] = _plan(rotations, tokens, linear.out_features, grad, x.device, dtype)
     if plan is None:
         return _scale_bias(F.linear(x, rotated_weight(linear.weight, rotations)), scale, linear.bias)
     tensors = _stage_tensors(rotations, plan)

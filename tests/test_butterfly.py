@@ -156,13 +156,19 @@ def test_chunk_matrices_equal_the_factored_rotation(d, b, m, transpose, active):
     torch.testing.assert_close(p1.grad, p2.grad, atol=1e-5, rtol=0)
 
 
-def test_layer_picks_chunks_on_cpu_and_factors_when_chunks_grow():
+def test_layer_picks_the_fused_kernel_else_chunks_and_factors_when_chunks_grow(monkeypatch):
+    from boft_diffusion.kernels import cpu
     from boft_diffusion.layers import ButterflyRotation
 
+    cpu_device = torch.device("cpu")
     small = ButterflyRotation(320, 320, 8, 4)  # c = 64
-    assert small.use_chunks(1024, torch.device("cpu"))
+    assert small.use_chunks(1024, cpu_device) != cpu.rows_supported(torch.float32, 8)  # the C++ rows kernel when it runs
+    assert small.use_chunks(1024, cpu_device, torch.float64) and small.use_chunks(1024, cpu_device, torch.bfloat16)
+    assert ButterflyRotation(320, 320, 4, 4).use_chunks(1024, cpu_device)  # b = 4: c = 32, no fused kernel
     dense = ButterflyRotation(256, 256, 2, 8)  # c = 256 = d: a dense matmul would lose
-    assert not dense.use_chunks(1024, torch.device("cpu"))
+    assert not dense.use_chunks(1024, cpu_device)
+    monkeypatch.setenv("BOFT_KERNEL", "pytorch")
+    assert small.use_chunks(1024, cpu_device)
 
 
 def test_cayley_is_right_for_every_block_size_on_two_threads():

@@ -140,3 +140,89 @@ def test_a_corrupt_cached_library_is_rebuilt(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu, "_state", {})
     assert cpu.library() is not None
     assert path.read_bytes() != b"not a shared library"
+
+
+rows_kernel = pytest.mark.skipif(not cpu.rows_supported(torch.float32, 8), reason="the rows kernel needs AVX2 and FMA")
+
+
+def blocks_of(m, d, seed=0, extra=0):
+    """fp32 Cayley blocks (m, d/8, 8, 8) as a slice of a wider group's blocks when extra > 0 (the
+    layout `layers._compute` hands each member: b x b blocks contiguous, factors strided)."""
+    group = Cayley.apply(packed(m, d + extra, 8, seed=seed, dtype=torch.float32), 8).detach()
+    return group[:, extra // 8 :]
+
+
+# (d, m, active, rows): every factor alone and in gaps, top chunks from 8 to 256 wide, row counts
+# around the kernel's tiles of 32 (0, 1, odd, several tiles).
+ROWS_CASES = [
+    (64, 4, None, 33), (320, 4, None, 70), (768, 4, None, 77), (64, 1, None, 5), (256, 6, None, 3),
+    (64, 4, (True, False, True, True), 32), (64, 4, (False, True, False, True), 1), (128, 3, (False, False, True), 40),
+    (64, 2, None, 0),
+]
+
+
+@rows_kernel
+@pytest.mark.parametrize("d,m,active,rows", ROWS_CASES)
+@pytest.mark.parametrize("transpose", [False, True])
+def test_rows_kernel_equals_the_pytorch_path(d, m, active, rows, transpose):
+    from boft_diffusion import kernels
+
+    blocks = blocks_of(m, d, extra=16)
+    order = tuple(factor_order(m, active, transpose))
+    g = torch.Generator().manual_seed(2)
+    x, grad = torch.randn(2, rows, d, generator=g), torch.randn(2, rows, d, generator=g)
+    ref_x, ref_blocks = kernels.rotate_backward_pytorch(x, grad, blocks, order, transpose, True)
+    torch.testing.assert_close(cpu.rotate_rows(x, blocks, order, transpose), kernels.rotate_pytorch(x, blocks, order, transpose),
+                               atol=2e-6, rtol=0)
+    grad_x, grad_blocks = cpu.rotate_rows_backward(x, grad, blocks, order, transpose, True, True)
+    torch.testing.assert_close(grad_x, ref_x, atol=2e-6, rtol=0)
+    torch.testing.assert_close(grad_blocks, ref_blocks, atol=2e-6 * max(1.0, ref_blocks.abs().max().item()), rtol=0)
+    no_x, only_blocks = cpu.rotate_rows_backward(x, grad, blocks, order, transpose, False, True)
+    assert no_x is None and torch.equal(only_blocks, grad_blocks)
+    only_x, no_blocks = cpu.rotate_rows_backward(x, grad, blocks, order, transpose, True, False)
+    assert no_blocks is None and torch.equal(only_x, grad_x)
+
+
+@rows_kernel
+def test_rows_kernel_writes_a_gradient_slot_and_zeroes_the_idle_factors():
+    """The backward overwrites (never adds to) the slot it is given: stale numbers must not survive,
+    factors switched off get zeros, and so does everything when there are no rows."""
+    blocks, order = blocks_of(4, 128), (3, 1)
+    x, grad = torch.randn(40, 128), torch.randn(40, 128)
+    want = cpu.rotate_rows_backward(x, grad, blocks, order, False, False, True)[1]
+    slot = torch.full((4, 16, 8, 8), float("nan"))
+    assert cpu.rotate_rows_backward(x, grad, blocks, order, False, False, True, blocks_out=slot)[1] is slot
+    assert torch.equal(slot, want) and not slot[[0, 2]].any()
+    empty = torch.empty(0, 128)
+    slot.fill_(float("nan"))
+    cpu.rotate_rows_backward(empty, empty, blocks, order, False, False, True, blocks_out=slot)
+    assert not slot.any()
+
+
+@rows_kernel
+def test_rows_kernel_threads_split_the_work_without_changing_a_bit():
+    blocks = blocks_of(4, 1024)
+    x, grad = torch.randn(70, 1024), torch.randn(70, 1024)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = (cpu.rotate_rows(x, blocks, (3, 2, 1, 0), False), *cpu.rotate_rows_backward(x, grad, blocks, (3, 2, 1, 0), False, True, True))
+        torch.set_num_threads(3)
+        three = (cpu.rotate_rows(x, blocks, (3, 2, 1, 0), False), *cpu.rotate_rows_backward(x, grad, blocks, (3, 2, 1, 0), False, True, True))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, three))
+
+
+def test_what_the_rows_kernel_does_not_take_goes_elsewhere(monkeypatch):
+    from boft_diffusion import kernels
+
+    x = torch.randn(3, 64)
+    for dtype, b in ((torch.float64, 8), (torch.bfloat16, 8), (torch.float32, 4), (torch.float32, 16)):
+        blocks = Cayley.apply(packed(2, 64, b, dtype=torch.float32), b).to(dtype)
+        assert not cpu.rows_supported(dtype, b)
+        assert cpu.rotate_rows(x.to(dtype), blocks, (1, 0), False) is None
+        assert not kernels.fused_kernel_runs("cpu", dtype, b)
+    monkeypatch.setenv("BOFT_KERNEL", "pytorch")
+    assert not kernels.fused_kernel_runs("cpu", torch.float32, 8)
+    assert kernels.kernel_path("cpu", torch.float32, 8) == "pytorch (BOFT_KERNEL=pytorch)"

@@ -215,7 +215,8 @@ def test_cpu_runs_pytorch_and_says_so(fresh_log, caplog):
     assert torch.equal(y, kernels.rotate_pytorch(x, blocks, (1, 0), False))
     lines = [r.getMessage() for r in caplog.records if r.name == "boft_diffusion.kernels"]
     assert lines == ["butterfly kernel: pytorch (cpu)"]  # once, not per call
-    assert kernels.kernel_path("cpu", torch.float32) == "pytorch (cpu)"
+    assert kernels.kernel_path("cpu", torch.float32, 4) == "pytorch (cpu)"
+    assert kernels.kernel_path("cpu", torch.float64, 8) == "pytorch (cpu)"
 
 
 def test_force_pytorch(fresh_log, monkeypatch, caplog):

@@ -6,7 +6,9 @@
 Both take rows x (..., d) (any leading dims, contiguous or not), blocks (m, d/b, b, b) fp32
 Cayley blocks and `order`, the active factors in application order (`butterfly.factor_order`).
 The Triton kernel runs when x is on CUDA, its dtype is fp32/fp16/bf16, Triton imports and the
-shape fits (`triton_butterfly.plan_problem`); otherwise the PyTorch path, which is the reference.
+shape fits (`triton_butterfly.plan_problem`); on CPU the C++ kernel (`cpu.rotate_rows`: fp32, b = 8,
+AVX2) applies all factors to a tile of rows in cache, the way the Triton kernel does on GPU;
+otherwise the PyTorch path, which is the reference.
 The choice is logged once per (path, reason) on the "boft_diffusion.kernels" logger; it never
 changes the rotation itself (m, b and the active factors are always what the caller passed).
 
@@ -25,6 +27,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..butterfly import apply_factor, factor_grad
+from . import cpu
 
 logger = logging.getLogger("boft_diffusion.kernels")
 
@@ -140,6 +143,8 @@ def _choose(x: torch.Tensor, blocks: torch.Tensor, order: Sequence[int]) -> tupl
     if mode == "pytorch":
         return "pytorch", f"{ENV_VAR}=pytorch"
     forced = mode == "triton"
+    if not forced and x.device.type == "cpu" and cpu.rows_supported(x.dtype, blocks.shape[-1]):
+        return "cpu", f"cpu, {_dtype_name(x.dtype)}, b={blocks.shape[-1]}, C++"
     problem = _device_problem(x.device, x.dtype, forced)
     if problem is None:
         kernels = _triton_module(x.device.type != "cuda")
@@ -162,10 +167,11 @@ def _log_once(path: str, reason: str) -> None:
         logger.info("butterfly kernel: %s (%s)", path, reason)
 
 
-def kernel_path(device, dtype: torch.dtype) -> str:
-    """What a rotation of this device/dtype runs on, for display: "triton (cuda, bfloat16)",
-    "pytorch (cpu)", ... Shapes are not known here: a layer whose shape the kernel cannot
-    take still falls back (and logs why) when it runs."""
+def kernel_path(device, dtype: torch.dtype, block_size: Optional[int] = None) -> str:
+    """What a rotation of this device/dtype (and block size, when known) runs on, for display:
+    "triton (cuda, bfloat16)", "c++ (cpu, float32, b=8)", "pytorch (cpu)", ... Other shapes are
+    not known here: a layer whose shape the kernel cannot take still falls back (and logs why)
+    when it runs."""
     device = torch.device(device)
     try:
         mode = _mode()
@@ -173,6 +179,9 @@ def kernel_path(device, dtype: torch.dtype) -> str:
         return f"invalid ({err})"
     if mode == "pytorch":
         return f"pytorch ({ENV_VAR}=pytorch)"
+    if mode == "auto" and device.type == "cpu" and cpu.rows_supported(dtype, block_size or 8):
+        where = f"cpu, {_dtype_name(dtype)}, b={block_size or 8}"
+        return f"c++ ({where})" if block_size else f"c++ ({where}; pytorch for other b)"
     problem = _device_problem(device, dtype, mode == "triton")
     if problem is not None:
         return f"unavailable ({ENV_VAR}=triton, but {problem})" if mode == "triton" else f"pytorch ({problem})"
@@ -180,12 +189,15 @@ def kernel_path(device, dtype: torch.dtype) -> str:
     return "triton (" + (f"{ENV_VAR}=triton, " if mode == "triton" else "") + where + ")"
 
 
-def fused_kernel_runs(device) -> bool:
-    """Whether rotations on `device` take the fused Triton kernel (shape permitting): callers
-    that can also rotate another way (`layers.ButterflyRotation`) choose by this."""
+def fused_kernel_runs(device, dtype: torch.dtype, block_size: int) -> bool:
+    """Whether rotations of rows of `dtype` on `device` take a fused kernel (Triton, shape
+    permitting, or the C++ one on CPU): callers that can also rotate another way
+    (`layers.ButterflyRotation`) choose by this."""
     mode = _mode()
     if mode != "auto":
         return mode == "triton"
+    if torch.device(device).type == "cpu":
+        return cpu.rows_supported(dtype, block_size)
     return torch.device(device).type == "cuda" and _triton_missing() is None
 
 
@@ -195,11 +207,13 @@ def fused_kernel_runs(device) -> bool:
 def rotate(x: torch.Tensor, blocks: torch.Tensor, order: Sequence[int], transpose: bool) -> torch.Tensor:
     """x R (transpose=False) or x R^T, for the factors in `order`. No autograd graph is built
     on the Triton path: wrap it in an autograd.Function (layers.ButterflyRotate) to train."""
-    order = tuple(int(i) for i in order)
+    order = order if type(order) is tuple else tuple(int(i) for i in order)
     if not order:  # identity, whatever the path
         return x
     path, reason = _choose(x, blocks, order)
     _log_once(path, reason)
+    if path == "cpu":
+        return cpu.rotate_rows(x, blocks, order, bool(transpose))
     if path == "pytorch":
         return rotate_pytorch(x, blocks, order, transpose)
     kernels = _triton_module(x.device.type != "cuda")
@@ -208,15 +222,21 @@ def rotate(x: torch.Tensor, blocks: torch.Tensor, order: Sequence[int], transpos
 
 def rotate_backward(
     x: torch.Tensor, grad: torch.Tensor, blocks: torch.Tensor, order: Sequence[int], transpose: bool,
-    need_blocks_grad: bool,
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    need_blocks_grad: bool, need_x_grad: bool = True, blocks_grad_out: Optional[torch.Tensor] = None,
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Gradients of y = rotate(x, blocks, order, transpose) given dL/dy = grad: (dL/dx in x's
-    dtype, dL/dblocks in blocks' dtype (m, d/b, b, b) or None). Factors not in `order` get 0."""
-    order = tuple(int(i) for i in order)
+    dtype, dL/dblocks in blocks' dtype (m, d/b, b, b) or None). Factors not in `order` get 0.
+    Without `need_x_grad` dL/dx may come back None (the C++ path then skips its last pass); the
+    C++ path writes dL/dblocks into `blocks_grad_out` when given (a gradient slot), the others
+    ignore it (their caller copies)."""
+    order = order if type(order) is tuple else tuple(int(i) for i in order)
     if not order:
         return grad, (torch.zeros_like(blocks) if need_blocks_grad else None)
     path, reason = _choose(x, blocks, order)
     _log_once(path, reason)
+    if path == "cpu":
+        return cpu.rotate_rows_backward(x, grad.to(x.dtype), blocks, order, bool(transpose), need_x_grad,
+                                        need_blocks_grad, blocks_grad_out)
     if path == "pytorch":
         return rotate_backward_pytorch(x, grad, blocks, order, transpose, need_blocks_grad)
     kernels = _triton_module(x.device.type != "cuda")

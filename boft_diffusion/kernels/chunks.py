@@ -221,14 +221,15 @@ def _products(blocks: torch.Tensor, factors: tuple[int, ...]) -> list[torch.Tens
 
 
 class GradientSlots:
-    """One buffer for dL/dchunks of every member of a round, so that backward needs no cat.
+    """One buffer for the gradient of every member's piece of a round's tensor (R's chunks, or the
+    Cayley blocks), so that backward needs no cat.
 
-    A member's backward writes its chunk gradient straight into its slice (`claim`); `SplitChunks`
-    then hands the whole buffer to `BuildChunks` and copies only what did not arrive in place (a
-    gradient that autograd summed, or one computed elsewhere). Each slice is claimed once."""
+    A member's backward writes its gradient straight into its slice (`claim`); `SplitChunks` then
+    hands the whole buffer on (to `BuildChunks`, `Cayley`) and copies only what did not arrive in
+    place (a gradient that autograd summed, or one computed elsewhere). Each slice is claimed once."""
 
-    def __init__(self, chunks: torch.Tensor, sizes: Sequence[int]):
-        self.shape, self.dtype, self.device = chunks.shape, chunks.dtype, chunks.device
+    def __init__(self, chunks: torch.Tensor, sizes: Sequence[int], dim: int = 0):
+        self.shape, self.dtype, self.device, self.dim = chunks.shape, chunks.dtype, chunks.device, dim
         self.bounds = [0]
         for size in sizes:
             self.bounds.append(self.bounds[-1] + size)
@@ -238,7 +239,7 @@ class GradientSlots:
     def view(self, index: int) -> torch.Tensor:
         if self.buffer is None:
             self.buffer = torch.empty(self.shape, dtype=self.dtype, device=self.device)
-        return self.buffer[self.bounds[index] : self.bounds[index + 1]]
+        return self.buffer.narrow(self.dim, self.bounds[index], self.bounds[index + 1] - self.bounds[index])
 
     def claim(self, index: int) -> torch.Tensor | None:
         """The slice for piece `index`'s gradient, or None when it was claimed before."""
@@ -249,12 +250,12 @@ class GradientSlots:
 
 
 class SplitChunks(torch.autograd.Function):
-    """chunks.split(sizes) whose pieces carry a `GradientSlots` slot (`piece.grad_slot`)."""
+    """chunks.split(sizes, dim) whose pieces carry a `GradientSlots` slot (`piece.grad_slot`)."""
 
     @staticmethod
     def forward(ctx, chunks: torch.Tensor, sizes: tuple[int, ...], slots: GradientSlots):
         ctx.slots = slots
-        return chunks.split(sizes)
+        return chunks.split(sizes, dim=slots.dim)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -269,11 +270,11 @@ class SplitChunks(torch.autograd.Function):
         return buffer, None, None
 
 
-def split(chunks: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
-    """The pieces of `chunks` (sizes along dim 0); with grad, each knows its gradient slot."""
+def split(chunks: torch.Tensor, sizes: Sequence[int], dim: int = 0) -> list[torch.Tensor]:
+    """The pieces of `chunks` (sizes along `dim`); with grad, each knows its gradient slot."""
     if not chunks.requires_grad:
-        return list(chunks.split(list(sizes)))
-    slots = GradientSlots(chunks, sizes)
+        return list(chunks.split(list(sizes), dim=dim))
+    slots = GradientSlots(chunks, sizes, dim)
     pieces = SplitChunks.apply(chunks, tuple(sizes), slots)
     for index, piece in enumerate(pieces):
         piece.grad_slot = (slots, index)

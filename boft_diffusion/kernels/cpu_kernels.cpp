@@ -1,4 +1,5 @@
-// CPU kernels of the per-step parameter pipeline: Cayley blocks and the rotation chunks built from them.
+// CPU kernels of the per-step parameter pipeline: Cayley blocks and the rotation chunks built from them,
+// and (fp32, b = 8, AVX2) rows times the butterfly factors with its backward (kernels.rotate on CPU).
 //
 // The same arithmetic as butterfly.Cayley and chunks.BuildChunks (the PyTorch reference, which
 // tests hold these to), as plain loops: Cayley 16 blocks at a time (each elimination step one vector
@@ -237,6 +238,147 @@ void cayley_backward_b8(const float* __restrict__ q, const float* __restrict__ g
       for (int r = 0, e = 0; r < 8; ++r)
         for (int c = r + 1; c < 8; ++c, ++e) gp[e] = d[r * 8 + c];
     }
+  });
+}
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__)
+// Rows times butterfly factors (kernels.rotate / rotate_backward on CPU), fp32, b = 8: every factor acts
+// within a top chunk of c = 8 * 2^(top factor) features, so a tile of rows x c sits in a scratch in cache
+// while all factors pass over it in place. A block of factor f takes the half-blocks (4 features) at
+// off0 and off1 (2^f half-blocks apart inside its chunk) and writes its 8 outputs back there.
+// 8 multiply-adds a feature a factor (m * b), against c for one dense chunk matmul.
+constexpr int ROWS_TILE = 32;
+
+inline void block_offsets(int lb, int f, int& off0, int& off1) {
+  const int pairs = 1 << f, ch = lb >> f, p = lb & (pairs - 1);
+  off0 = f == 0 ? ch * 8 : ch * (8 << f) + p * 4;
+  off1 = f == 0 ? ch * 8 + 4 : ch * (8 << f) + pairs * 4 + p * 4;
+}
+
+inline __m256 load_halves(const float* row, int off0, int off1) {
+  return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(row + off0)), _mm_loadu_ps(row + off1), 1);
+}
+
+inline void store_halves(float* row, int off0, int off1, __m256 v) {
+  _mm_storeu_ps(row + off0, _mm256_castps256_ps128(v));
+  _mm_storeu_ps(row + off1, _mm256_extractf128_ps(v, 1));
+}
+
+void rows_factor_b8(float* __restrict__ tile, int rows, int c, const float* __restrict__ fb, int f, bool transpose) {
+  for (int lb = 0; lb < c / 8; ++lb) {
+    int off0, off1;
+    block_offsets(lb, f, off0, off1);
+    __m256 q[8];
+    for (int r = 0; r < 8; ++r) q[r] = _mm256_loadu_ps(fb + lb * 64 + 8 * r);
+    if (transpose) transpose8(q);
+    int t = 0;
+    for (; t + 2 <= rows; t += 2) {
+      float* r0 = tile + t * c; float* r1 = r0 + c;
+      __m256 a0 = _mm256_mul_ps(_mm256_broadcast_ss(r0 + off0), q[0]), b0 = _mm256_mul_ps(_mm256_broadcast_ss(r0 + off1), q[4]);
+      __m256 a1 = _mm256_mul_ps(_mm256_broadcast_ss(r1 + off0), q[0]), b1 = _mm256_mul_ps(_mm256_broadcast_ss(r1 + off1), q[4]);
+      for (int r = 1; r < 4; ++r) {
+        a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(r0 + off0 + r), q[r], a0);
+        b0 = _mm256_fmadd_ps(_mm256_broadcast_ss(r0 + off1 + r), q[4 + r], b0);
+        a1 = _mm256_fmadd_ps(_mm256_broadcast_ss(r1 + off0 + r), q[r], a1);
+        b1 = _mm256_fmadd_ps(_mm256_broadcast_ss(r1 + off1 + r), q[4 + r], b1);
+      }
+      store_halves(r0, off0, off1, _mm256_add_ps(a0, b0));
+      store_halves(r1, off0, off1, _mm256_add_ps(a1, b1));
+    }
+    if (t < rows) {
+      float* r0 = tile + t * c;
+      __m256 a0 = _mm256_mul_ps(_mm256_broadcast_ss(r0 + off0), q[0]), b0 = _mm256_mul_ps(_mm256_broadcast_ss(r0 + off1), q[4]);
+      for (int r = 1; r < 4; ++r) {
+        a0 = _mm256_fmadd_ps(_mm256_broadcast_ss(r0 + off0 + r), q[r], a0);
+        b0 = _mm256_fmadd_ps(_mm256_broadcast_ss(r0 + off1 + r), q[4 + r], b0);
+      }
+      store_halves(r0, off0, off1, _mm256_add_ps(a0, b0));
+    }
+  }
+}
+
+// grad_fb (+)= a^T g per block of factor f (its transpose when the rows were multiplied by Q^T), summed over
+// the tile: stored by the first tile of rows, added by the others.
+void rows_factor_grad_b8(const float* __restrict__ a, const float* __restrict__ g, int rows, int c,
+                         float* __restrict__ grad_fb, int f, bool transpose, bool add) {
+  for (int lb = 0; lb < c / 8; ++lb) {
+    int off0, off1;
+    block_offsets(lb, f, off0, off1);
+    __m256 acc[8];
+    for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_ps();
+    for (int t = 0; t < rows; ++t) {
+      const float* ar = a + t * c;
+      const __m256 gv = load_halves(g + t * c, off0, off1);
+      for (int r = 0; r < 4; ++r) {
+        acc[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(ar + off0 + r), gv, acc[r]);
+        acc[4 + r] = _mm256_fmadd_ps(_mm256_broadcast_ss(ar + off1 + r), gv, acc[4 + r]);
+      }
+    }
+    if (transpose) transpose8(acc);
+    float* out = grad_fb + lb * 64;
+    for (int r = 0; r < 8; ++r) _mm256_storeu_ps(out + 8 * r, add ? _mm256_add_ps(_mm256_loadu_ps(out + 8 * r), acc[r]) : acc[r]);
+  }
+}
+
+struct Rows {
+  int64_t rows, d, per_factor;  // x is (rows, d); blocks of factor i start at blocks + i * per_factor
+  const int* order;             // factors in application order
+  int n, c;                     // len(order), top chunk width
+  bool transpose;
+  const float* factor(const float* blocks, int j, int64_t chunk) const { return blocks + order[j] * per_factor + chunk * c * 8; }
+};
+
+void rows_load(float* tile, const float* src, const Rows& p, int64_t chunk, int64_t t0, int rows) {
+  for (int t = 0; t < rows; ++t) std::memcpy(tile + t * p.c, src + (t0 + t) * p.d + chunk * p.c, p.c * sizeof(float));
+}
+
+void rows_store(float* dst, const float* tile, const Rows& p, int64_t chunk, int64_t t0, int rows) {
+  for (int t = 0; t < rows; ++t) std::memcpy(dst + (t0 + t) * p.d + chunk * p.c, tile + t * p.c, p.c * sizeof(float));
+}
+
+void rows_forward_b8(const float* x, const float* blocks, const Rows p, float* y, int threads) {
+  parallel(p.d / p.c, threads, p.rows * p.d, [&](int64_t lo, int64_t hi) {
+    std::vector<float> tile(ROWS_TILE * p.c);
+    for (int64_t chunk = lo; chunk < hi; ++chunk)
+      for (int64_t t0 = 0; t0 < p.rows; t0 += ROWS_TILE) {
+        const int rows = static_cast<int>(std::min<int64_t>(ROWS_TILE, p.rows - t0));
+        rows_load(tile.data(), x, p, chunk, t0, rows);
+        for (int j = 0; j < p.n; ++j) rows_factor_b8(tile.data(), rows, p.c, p.factor(blocks, j, chunk), p.order[j], p.transpose);
+        rows_store(y, tile.data(), p, chunk, t0, rows);
+      }
+  });
+}
+
+// Per tile: each factor's input recomputed from x in scratch, then the gradient walks back through the
+// factors (Q^T undoes Q), summing each block's a^T g on the way. grad_x and grad_blocks may be null; the
+// blocks of factors in `order` are overwritten (rows > 0), the others left alone.
+void rows_backward_b8(const float* x, const float* grad, const float* blocks, const Rows p, float* grad_x,
+                      float* grad_blocks, int64_t grad_per_factor, int threads) {
+  parallel(p.d / p.c, threads, p.rows * p.d * 3, [&](int64_t lo, int64_t hi) {
+    const int size = ROWS_TILE * p.c;
+    std::vector<float> inputs(static_cast<size_t>(size) * p.n), g(size);
+    for (int64_t chunk = lo; chunk < hi; ++chunk)
+      for (int64_t t0 = 0; t0 < p.rows; t0 += ROWS_TILE) {
+        const int rows = static_cast<int>(std::min<int64_t>(ROWS_TILE, p.rows - t0));
+        if (grad_blocks) {
+          rows_load(inputs.data(), x, p, chunk, t0, rows);
+          for (int j = 0; j + 1 < p.n; ++j) {
+            float* next = inputs.data() + static_cast<size_t>(j + 1) * size;
+            std::memcpy(next, next - size, static_cast<size_t>(rows) * p.c * sizeof(float));
+            rows_factor_b8(next, rows, p.c, p.factor(blocks, j, chunk), p.order[j], p.transpose);
+          }
+        }
+        rows_load(g.data(), grad, p, chunk, t0, rows);
+        for (int j = p.n - 1; j >= 0; --j) {
+          if (grad_blocks)
+            rows_factor_grad_b8(inputs.data() + static_cast<size_t>(j) * size, g.data(), rows, p.c,
+                                grad_blocks + p.order[j] * grad_per_factor + chunk * p.c * 8, p.order[j], p.transpose,
+                                t0 > 0);
+          if (j > 0 || grad_x) rows_factor_b8(g.data(), rows, p.c, p.factor(blocks, j, chunk), p.order[j], !p.transpose);
+        }
+        if (grad_x) rows_store(grad_x, g.data(), p, chunk, t0, rows);
+      }
   });
 }
 #endif
@@ -513,4 +655,35 @@ extern "C" {
   }
 BOFT_EXPORT(float, f32)
 BOFT_EXPORT(double, f64)
+// Rows times butterfly factors: 1 when done, 0 when this build has no kernel for it (b != 8, no AVX2/FMA).
+int boft_rows_supported(int b) {
+#if defined(__AVX2__) && defined(__FMA__)
+  return b == 8;
+#else
+  (void)b;
+  return 0;
+#endif
+}
+
+int boft_rows_forward_f32(const float* x, int64_t rows, int64_t d, const float* blocks, int64_t per_factor,
+                          const int* order, int n, int b, int transpose, float* y, int th) {
+  if (!boft_rows_supported(b) || n < 1) return 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const int top = *std::max_element(order, order + n);
+  rows_forward_b8(x, blocks, Rows{rows, d, per_factor, order, n, b << top, transpose != 0}, y, th);
+#endif
+  return 1;
+}
+
+int boft_rows_backward_f32(const float* x, const float* grad, int64_t rows, int64_t d, const float* blocks,
+                           int64_t per_factor, const int* order, int n, int b, int transpose, float* grad_x,
+                           float* grad_blocks, int64_t grad_per_factor, int th) {
+  if (!boft_rows_supported(b) || n < 1) return 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const int top = *std::max_element(order, order + n);
+  rows_backward_b8(x, grad, blocks, Rows{rows, d, per_factor, order, n, b << top, transpose != 0}, grad_x, grad_blocks,
+                   grad_per_factor, th);
+#endif
+  return 1;
+}
 }
