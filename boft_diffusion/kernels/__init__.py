@@ -144,7 +144,7 @@ def _choose(x: torch.Tensor, blocks: torch.Tensor, order: Sequence[int]) -> tupl
         return "pytorch", f"{ENV_VAR}=pytorch"
     forced = mode == "triton"
     if not forced and x.device.type == "cpu" and cpu.rows_supported(x.dtype, blocks.shape[-1]):
-        return "cpu", f"cpu, {_dtype_name(x.dtype)}, b={blocks.shape[-1]}, C++"
+        return "cpu", "cpu, C++"
     problem = _device_problem(x.device, x.dtype, forced)
     if problem is None:
         kernels = _triton_module(x.device.type != "cuda")

@@ -215,10 +215,11 @@ def _ints(values: tuple[int, ...]):
 
 
 def rows_supported(dtype: torch.dtype, block_size: int) -> bool:
-    """Whether `rotate_rows` runs for this dtype and b (fp32, b = 8, a build with AVX2 and FMA)."""
+    """Whether `rotate_rows` runs for this dtype and b (fp32, b = 8, a build with AVX2 and FMA).
+    BOFT_KERNEL is its callers' to honour (`kernels`): this is asked several times a projection."""
     if dtype != torch.float32:
         return False
-    lib = library()
+    lib = _state["lib"] if "lib" in _state else library()
     if lib is None:
         return False
     supported = _state.setdefault("rows", {})  # asked per projection call: remember the answer
