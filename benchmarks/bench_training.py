@@ -538,8 +538,10 @@ def machine_info(args) -> dict:
         "diffusers": diffusers.__version__,
         "peft": peft.__version__,
         "loadavg_start": os.getloadavg(),
-        # which path builds the Cayley blocks and rotation chunks on CPU (compiled here once, before any mode runs)
+        # which path builds the Cayley blocks and rotation chunks on CPU (compiled here once, before any mode runs),
+        # and whether fp32 b = 8 rows take the C++ rows kernel (AVX2) instead of chunks
         "boft_cpu_kernels": "c++" if cpu_kernels.library() is not None else "pytorch",
+        "boft_cpu_rows_kernel": cpu_kernels.rows_supported(torch.float32, 8),
     }
     if args.device == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
