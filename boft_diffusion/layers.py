@@ -10,7 +10,9 @@ Training runs each projection as one autograd node (`RotatedLinear`): it saves x
 tensor q, k and v all get, so once per attention), the small rotation tensors and the matmul
 output u (for the gradient of s), and recomputes nothing else. The Cayley solves and R's chunk
 matrices of all rotations that share a `RotationGroup` (one adapter's) are computed together,
-once per step, in a few batched calls; without grad they are cached until the skew changes.
+once per step, in a few batched calls; without grad they are cached until the skew changes. Where
+a fused kernel rotates rows (Triton on GPU, the C++ rows kernel on CPU for fp32, b = 8) no chunks
+are built: the blocks go to the kernel as they are.
 """
 
 from __future__ import annotations

@@ -249,6 +249,9 @@ void cayley_backward_b8(const float* __restrict__ q, const float* __restrict__ g
 // off0 and off1 (2^f half-blocks apart inside its chunk) and writes its 8 outputs back there.
 // 8 multiply-adds a feature a factor (m * b), against c for one dense chunk matmul.
 constexpr int ROWS_TILE = 32;
+// Below this many numbers a call stays on the calling thread: one call lasts a few hundred microseconds
+// at most, less than starting a thread costs when torch's OpenMP workers still spin on the other cores.
+constexpr int64_t ROWS_PARALLEL_NUMBERS = int64_t(1) << 22;
 
 inline void block_offsets(int lb, int f, int& off0, int& off1) {
   const int pairs = 1 << f, ch = lb >> f, p = lb & (pairs - 1);
@@ -338,6 +341,7 @@ void rows_store(float* dst, const float* tile, const Rows& p, int64_t chunk, int
 }
 
 void rows_forward_b8(const float* x, const float* blocks, const Rows p, float* y, int threads) {
+  if (p.rows * p.d < ROWS_PARALLEL_NUMBERS) threads = 1;
   parallel(p.d / p.c, threads, p.rows * p.d, [&](int64_t lo, int64_t hi) {
     std::vector<float> tile(ROWS_TILE * p.c);
     for (int64_t chunk = lo; chunk < hi; ++chunk)
@@ -355,6 +359,7 @@ void rows_forward_b8(const float* x, const float* blocks, const Rows p, float* y
 // blocks of factors in `order` are overwritten (rows > 0), the others left alone.
 void rows_backward_b8(const float* x, const float* grad, const float* blocks, const Rows p, float* grad_x,
                       float* grad_blocks, int64_t grad_per_factor, int threads) {
+  if (p.rows * p.d * 3 < ROWS_PARALLEL_NUMBERS) threads = 1;
   parallel(p.d / p.c, threads, p.rows * p.d * 3, [&](int64_t lo, int64_t hi) {
     const int size = ROWS_TILE * p.c;
     std::vector<float> inputs(static_cast<size_t>(size) * p.n), g(size);
