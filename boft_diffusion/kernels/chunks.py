@@ -1,4 +1,6 @@
-"""R as its diagonal chunks, the CPU path: build them from the Cayley blocks, rotate rows by them.
+"""R as its diagonal chunks: build them from the Cayley blocks, rotate rows by them. The path where
+no fused kernel runs: on CPU for fp64, bf16 and b != 8 or without AVX2 (fp32 with b = 8 takes the C++
+rows kernel, `cpu.rotate_rows`), and on GPU without Triton.
 
 Every factor i mixes features only within chunks of b * 2^i, so R (of the active factors) is
 block diagonal with chunks of c = b * 2^(top active factor). Rotating a row by R is then one
