@@ -224,6 +224,10 @@ def test_what_the_rows_kernel_does_not_take_goes_elsewhere(monkeypatch):
         assert not cpu.rows_supported(dtype, b)
         assert cpu.rotate_rows(x.to(dtype), blocks, (1, 0), False) is None
         assert not kernels.fused_kernel_runs("cpu", dtype, b)
+    blocks64 = Cayley.apply(packed(2, 64, 8), 8)  # fp64 blocks (fp64 skew) on fp32 rows: the PyTorch path casts
+    torch.testing.assert_close(kernels.rotate(x, blocks64, (1, 0), False), kernels.rotate_pytorch(x, blocks64, (1, 0), False))
+    grad_x, grad_blocks = kernels.rotate_backward(x, x, blocks64, (1, 0), False, True)
+    assert grad_x.dtype == torch.float32 and grad_blocks.dtype == torch.float64
     monkeypatch.setenv("BOFT_KERNEL", "pytorch")
     assert not kernels.fused_kernel_runs("cpu", torch.float32, 8)
     assert kernels.kernel_path("cpu", torch.float32, 8) == "pytorch (BOFT_KERNEL=pytorch)"

@@ -143,7 +143,8 @@ def _choose(x: torch.Tensor, blocks: torch.Tensor, order: Sequence[int]) -> tupl
     if mode == "pytorch":
         return "pytorch", f"{ENV_VAR}=pytorch"
     forced = mode == "triton"
-    if not forced and x.device.type == "cpu" and cpu.rows_supported(x.dtype, blocks.shape[-1]):
+    if (not forced and x.device.type == "cpu" and blocks.device.type == "cpu" and blocks.dtype == x.dtype
+            and cpu.rows_supported(x.dtype, blocks.shape[-1])):
         return "cpu", "cpu, C++"
     problem = _device_problem(x.device, x.dtype, forced)
     if problem is None:
