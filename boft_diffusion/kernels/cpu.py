@@ -243,11 +243,16 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return rows if rows.is_contiguous() else rows.contiguous()
 
 
-def _with_contiguous_blocks(blocks: torch.Tensor) -> torch.Tensor:
-    """blocks (m, n, b, b) whose b x b blocks are contiguous and evenly spaced (a slice along n keeps that)."""
+def _blocks_laid_out(blocks: torch.Tensor) -> bool:
+    """Whether (m, n, b, b) has contiguous, evenly spaced b x b blocks, what the kernel reads and writes
+    (a slice along n, such as a member's share of a round's blocks, keeps that)."""
     b = blocks.shape[-1]
+    return blocks.stride()[1:] == (b * b, b, 1)
+
+
+def _with_contiguous_blocks(blocks: torch.Tensor) -> torch.Tensor:
     blocks = blocks.detach()
-    return blocks if blocks.stride()[1:] == (b * b, b, 1) else blocks.contiguous()
+    return blocks if _blocks_laid_out(blocks) else blocks.contiguous()
 
 
 def rotate_rows(x: torch.Tensor, blocks: torch.Tensor, order: tuple[int, ...], transpose: bool) -> Optional[torch.Tensor]:
@@ -274,9 +279,8 @@ def rotate_rows_backward(x: torch.Tensor, grad: torch.Tensor, blocks: torch.Tens
     grad_x = torch.empty_like(rows) if need_x else None
     grad_blocks = None
     if need_blocks:
-        b = blocks.shape[-1]
         usable = (blocks_out is not None and blocks_out.shape == blocks.shape and blocks_out.dtype == blocks.dtype
-                  and blocks_out.stride()[1:] == (b * b, b, 1))
+                  and _blocks_laid_out(blocks_out))
         grad_blocks = blocks_out if usable else torch.empty(blocks.shape, dtype=blocks.dtype)
         idle = [i for i in range(blocks.shape[0]) if i not in order] if rows.shape[0] else range(blocks.shape[0])
         for i in idle:  # the kernel writes the blocks of the factors in `order` (when there are rows)
